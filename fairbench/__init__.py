@@ -1,0 +1,3 @@
+"""fairbench: a pluggable benchmark suite for adversarial fairness."""
+
+__version__ = "0.1.0"

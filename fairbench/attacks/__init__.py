@@ -1,0 +1,1 @@
+"""Training-time adversaries (`training`) and evaluation attacks (`registry`, `pgd`)."""

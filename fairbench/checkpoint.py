@@ -1,0 +1,72 @@
+"""Checkpoints: written atomically after every epoch, validated on load, the last k kept."""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fairbench.errors import CheckpointError
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^epoch_(\d{4,})\.pt$")
+
+
+def checkpoint_path(folder: Path, epoch: int) -> Path:
+    return folder / f"epoch_{epoch:04d}.pt"
+
+
+def list_checkpoints(folder: Path) -> dict[int, Path]:
+    """{epoch: path} of the checkpoints in `folder` (temporary files are ignored)."""
+    if not folder.is_dir():
+        return {}
+    found = {}
+    for p in folder.iterdir():
+        m = _NAME.match(p.name)
+        if m:
+            found[int(m.group(1))] = p
+    return dict(sorted(found.items()))
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Write through `write(file_path)` to a temporary sibling, fsync, then rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(folder: Path, epoch: int, state: dict[str, Any], keep_last: int) -> Path:
+    path = checkpoint_path(folder, epoch)
+    atomic_write(path, lambda tmp: torch.save({"format_version": FORMAT_VERSION, "epoch": epoch, **state}, tmp))
+    for old_epoch, old in list_checkpoints(folder).items():
+        if old_epoch <= epoch - keep_last:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: Path, run_id: str, config_hash: str) -> dict[str, Any]:
+    """Load and check that the file belongs to this run; a clear CheckpointError otherwise."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted or unreadable ({type(err).__name__}: {err}). "
+            f"Delete it to resume from the previous epoch's checkpoint; nothing was overwritten.") from err
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} is not a fairbench v{FORMAT_VERSION} checkpoint")
+    if state.get("run_id") != run_id or state.get("config_hash") != config_hash:
+        raise CheckpointError(
+            f"checkpoint {path} belongs to run {state.get('run_id')} (config {state.get('config_hash')}), "
+            f"not to {run_id} (config {config_hash}); use another --out folder or remove it")
+    return state

@@ -1,0 +1,249 @@
+"""The `fairbench` command line: run, table, methods, datasets, archs, attacks, download."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from fairbench.config import field_docs, parse_number
+from fairbench.errors import FairbenchError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise FairbenchError(f"--set expects key=value (e.g. --set warmup=5 or --set trix.beta=6), got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _parse_seeds(text: str) -> list[int]:
+    """'5' -> seeds 1..5; '0,3,7' -> exactly those seeds."""
+    try:
+        if "," in text:
+            return [int(s) for s in text.split(",") if s.strip()]
+        count = int(text)
+    except ValueError as err:
+        raise FairbenchError(f"--seeds expects a count (5) or a list (1,3,7), got {text!r}") from err
+    if count < 1:
+        raise FairbenchError("--seeds must be at least 1")
+    return list(range(1, count + 1))
+
+
+def _load_plugins(plugins: tuple[str, ...]) -> None:
+    from fairbench.registry import import_plugins
+
+    env = [m for m in os.environ.get("FAIRBENCH_PLUGINS", "").split(",") if m.strip()]
+    import_plugins([*env, *[m for p in plugins for m in p.split(",") if m.strip()]])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="fairbench")
+def cli() -> None:
+    """fairbench: train fairness-aware adversarial training methods, evaluate them class-wise, compare them."""
+
+
+@cli.command()
+@click.option("--methods", "-m", required=True, help="Comma-separated method names (see `fairbench methods`).")
+@click.option("--dataset", "-d", default="digits", show_default=True, help="See `fairbench datasets`.")
+@click.option("--seeds", default="1", show_default=True, help="A count (5 -> seeds 1..5) or a list (1,3,7).")
+@click.option("--arch", default=None, help="Model (see `fairbench archs`); default: the dataset's.")
+@click.option("--epochs", type=int, default=None, help="Default: the dataset's (150 for CIFAR/STL-10, 10 for digits).")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--lr", type=float, default=0.1, show_default=True)
+@click.option("--schedule", default="bag_of_tricks", show_default=True,
+              help="bag_of_tricks (DAFA/TRIX), trades, madry, cosine.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Method hyperparameter, e.g. --set warmup=5, --set trix.beta=6, --set eps=8/255.")
+@click.option("--attack", default="pgd20", show_default=True, help="Comma-separated evaluation attacks.")
+@click.option("--eps", "eval_eps", default="8/255", show_default=True, help="Evaluation L-inf radius.")
+@click.option("--eval-last", type=int, default=5, show_default=True, help="Evaluate the last k checkpoints.")
+@click.option("--train-per-class", type=int, default=None, help="Train on the first N images of each class.")
+@click.option("--eval-per-class", type=int, default=None, help="Evaluate on the first N test images of each class.")
+@click.option("--data-dir", default=None, help="Dataset root (default $FAIRBENCH_DATA or ./data).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--amp/--no-amp", default=None, help="bf16 autocast for training (default: on with CUDA).")
+@click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False))
+@click.option("--resume", is_flag=True, help="Continue runs from their last checkpoint.")
+@click.option("--plugins", multiple=True, help="Import these modules first (unpackaged local methods).")
+@click.option("--quiet", "-q", is_flag=True)
+def run(methods, dataset, seeds, arch, epochs, batch_size, lr, schedule, sets, attack, eval_eps, eval_last,
+        train_per_class, eval_per_class, data_dir, device, amp, out, resume, plugins, quiet) -> None:
+    """Train every (method, seed) on DATASET, evaluate the last checkpoints, write per-class parquet."""
+    from fairbench.progress import RichReporter
+    from fairbench.runner import run_one
+    from fairbench.spec import RunSpec, check_overrides, resolve
+
+    _load_plugins(plugins)
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    overrides = _parse_sets(sets)
+    check_overrides(overrides, names)
+    specs = [RunSpec(method=m, dataset=dataset, seed=s, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
+                     schedule=schedule, overrides=overrides, train_per_class=train_per_class,
+                     eval_per_class=eval_per_class, attacks=tuple(a.strip() for a in attack.split(",") if a.strip()),
+                     eval_eps=parse_number(eval_eps), eval_last=eval_last, data_dir=data_dir, device=device, amp=amp)
+             for m in names for s in _parse_seeds(seeds)]
+    for spec in specs:
+        resolve(spec)  # every name and option checked before anything trains
+    with RichReporter(err_console, quiet=quiet) as reporter:
+        for i, spec in enumerate(specs, 1):
+            reporter.message(f"[{i}/{len(specs)}] {spec.method} on {spec.dataset}, seed {spec.seed}")
+            run_one(spec, Path(out), resume=resume, reporter=reporter)
+    if not quiet:
+        err_console.print(f"done: {len(specs)} run(s) in {out}/runs; `fairbench table --results {out}` compares them")
+
+
+@cli.command()
+@click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["rich", "md", "latex", "csv"]), default="rich", show_default=True)
+@click.option("--last-k", type=int, default=5, show_default=True, help="Average each run over its last k checkpoints.")
+@click.option("--worst", type=click.Choice(["min", "min20"]), default="min", show_default=True,
+              help="Worst class, or mean of the lowest 20% of classes (Tiny-ImageNet).")
+@click.option("--baseline", default="trades", show_default=True, help="Method rho is measured against.")
+@click.option("--rho-variant", type=click.Choice(["dafa", "worst_minus_avg"]), default="dafa", show_default=True)
+@click.option("--attack", "attacks", default=None, help="Only these robust attacks (comma-separated).")
+@click.option("--output", "-o", default=None, type=click.Path(dir_okay=False), help="Write to a file instead.")
+def table(results_dir, fmt, last_k, worst, baseline, rho_variant, attacks, output) -> None:
+    """Average / worst-class accuracy and rho per method, mean ± std over seeds."""
+    from fairbench.tables import fairness_table, format_table, load_results
+
+    frame = fairness_table(load_results(results_dir), last_k=last_k, worst=worst, baseline=baseline,
+                           rho_variant=rho_variant, attacks=attacks.split(",") if attacks else None)
+    rendered = format_table(frame, fmt)
+    if output:
+        text = rendered if isinstance(rendered, str) else format_table(frame, "md")
+        Path(output).write_text(text)
+        err_console.print(f"wrote {output}")
+    elif isinstance(rendered, str):
+        click.echo(rendered)
+    else:
+        for item in rendered:
+            console.print(item)
+
+
+@cli.command(name="methods")
+def methods_cmd() -> None:
+    """List the registered methods: name, source package, description, config defaults."""
+    from fairbench.registry import get_method_class, list_methods, method_source
+
+    t = Table(title="fairbench methods", show_lines=True)
+    for col in ("method", "source", "description", "defaults"):
+        t.add_column(col, overflow="fold")
+    for name in list_methods():
+        src = method_source(name)
+        try:
+            cls = get_method_class(name)
+            defaults = ", ".join(f"{f.name}={getattr(cls.Config(), f.name)}" for f in dataclasses.fields(cls.Config))
+            desc = cls.description or (cls.__doc__ or "").strip().splitlines()[0]
+        except FairbenchError as err:
+            defaults, desc = "", f"[red]{err}[/red]"
+        t.add_row(name, f"{src.package} {src.version}".strip(), desc, defaults)
+    console.print(t)
+
+
+@cli.command()
+@click.argument("method")
+def describe(method: str) -> None:
+    """Every hyperparameter of METHOD with its default and meaning."""
+    from fairbench.registry import get_method_class
+
+    cls = get_method_class(method)
+    docs = field_docs_all(cls.Config)
+    t = Table(title=f"{method}: {cls.description}")
+    for col in ("option", "default", "meaning"):
+        t.add_column(col, overflow="fold")
+    for f in dataclasses.fields(cls.Config):
+        t.add_row(f.name, str(getattr(cls.Config(), f.name)), docs.get(f.name, ""))
+    console.print(t)
+
+
+def field_docs_all(config_cls: type) -> dict[str, str]:
+    """Field docstrings along the config's dataclass bases (subclasses override)."""
+    docs: dict[str, str] = {}
+    for base in reversed(config_cls.__mro__):
+        if dataclasses.is_dataclass(base):
+            docs.update(field_docs(base))
+    return docs
+
+
+@cli.command()
+def datasets() -> None:
+    """List the datasets, their default scale and where their files are expected."""
+    from fairbench.data import DATASETS, default_data_root
+
+    t = Table(title=f"fairbench datasets (data root: {default_data_root()})")
+    for col in ("dataset", "description", "default arch / epochs / batch", "files under the data root"):
+        t.add_column(col, overflow="fold")
+    for name, info in sorted(DATASETS.items()):
+        d = info.defaults
+        t.add_row(name, info.description, f"{d.arch} / {d.epochs} / {d.batch_size}", info.subdir or "(embedded)")
+    console.print(t)
+
+
+@cli.command()
+def archs() -> None:
+    """List the model architectures."""
+    from fairbench.models import MODELS
+
+    t = Table(title="fairbench architectures")
+    t.add_column("arch"), t.add_column("description")
+    for name, info in sorted(MODELS.items()):
+        t.add_row(name, info.description)
+    console.print(t)
+
+
+@cli.command()
+def attacks() -> None:
+    """List the evaluation attacks."""
+    from fairbench.attacks.registry import DESCRIPTIONS, list_attacks
+
+    t = Table(title="fairbench attacks")
+    t.add_column("attack"), t.add_column("description")
+    t.add_row("clean", "no attack (always evaluated)")
+    for name in list_attacks():
+        t.add_row(name, DESCRIPTIONS[name])
+    console.print(t)
+
+
+@cli.command()
+@click.argument("dataset")
+@click.option("--data-dir", default=None, help="Dataset root (default $FAIRBENCH_DATA or ./data).")
+def download(dataset: str, data_dir: str | None) -> None:
+    """Fetch DATASET's official archives into the data root and verify their checksums."""
+    from fairbench.data import default_data_root
+    from fairbench.data.download import download as fetch
+
+    root = Path(data_dir) if data_dir else default_data_root()
+    path = fetch(dataset, root)
+    console.print(f"{dataset} is ready under {path}")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except FairbenchError as err:
+        err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: finished epochs are checkpointed; rerun the same command with --resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

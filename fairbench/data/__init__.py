@@ -1,0 +1,147 @@
+"""Dataset registry: names -> readers of the official file formats, with their default run scale.
+
+`load_dataset(name, root)` returns uint8 NCHW arrays (`fairbench.data.base.Dataset`). Missing files
+raise `DataNotFoundError` naming the expected path and `fairbench download <name> --data-dir <root>`;
+damaged files raise `DataCorruptError` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fairbench.data.base import (
+    ArraySplit,
+    AugmentSpec,
+    DataCorruptError,
+    DataNotFoundError,
+    Dataset,
+    DatasetInfo,
+    RunDefaults,
+)
+from fairbench.data.cifar import (
+    CIFAR10_DIR,
+    CIFAR100_DIR,
+    SUBSET_DIR,
+    load_cifar10,
+    load_cifar10_subset,
+    load_cifar100,
+)
+from fairbench.data.digits import load_digits_dataset
+from fairbench.data.idx import FASHION_DIR, load_fashionmnist
+from fairbench.data.stl10 import STL10_DIR, load_stl10
+from fairbench.data.tinyimagenet import TINY_DIR, load_tinyimagenet
+from fairbench.errors import UnknownNameError
+
+__all__ = [
+    "ArraySplit",
+    "AugmentSpec",
+    "DataCorruptError",
+    "DataNotFoundError",
+    "Dataset",
+    "DatasetInfo",
+    "RunDefaults",
+    "DATASETS",
+    "DATA_ENV",
+    "list_datasets",
+    "get_dataset_info",
+    "default_data_root",
+    "load_dataset",
+]
+
+DATA_ENV = "FAIRBENCH_DATA"
+_TRIX = RunDefaults(arch="resnet18", epochs=150, batch_size=128)
+"""The TRIX/DAFA training protocol for the full-size image datasets."""
+
+DATASETS: dict[str, DatasetInfo] = {
+    info.name: info
+    for info in (
+        DatasetInfo(
+            "digits",
+            "scikit-learn's bundled 8x8 digits (1,797 images, 1x8x8); embedded, runs offline in minutes "
+            "on a CPU",
+            load_digits_dataset,
+            subdir="",
+            defaults=RunDefaults(arch="smallcnn", epochs=10, batch_size=64, method_overrides={"warmup": 5}),
+            dafa_lambda=1.0,
+            downloadable=False,
+        ),
+        DatasetInfo(
+            "cifar10",
+            "CIFAR-10 (50,000 train / 10,000 test, 3x32x32), official python pickles",
+            load_cifar10,
+            subdir=CIFAR10_DIR,
+            defaults=_TRIX,
+            dafa_lambda=1.0,
+        ),
+        DatasetInfo(
+            "cifar10-subset",
+            "the 8,068 train / 1,017 test CIFAR-10 images with exact original pixels; ships in the "
+            "project's shared data folder (--data-dir ../shared/data)",
+            load_cifar10_subset,
+            subdir=SUBSET_DIR,
+            defaults=RunDefaults(arch="resnet18", epochs=30, batch_size=128, method_overrides={"warmup": 15}),
+            dafa_lambda=1.0,
+            downloadable=False,
+        ),
+        DatasetInfo(
+            "cifar100",
+            "CIFAR-100 (50,000 train / 10,000 test, 3x32x32, fine labels), official python pickles",
+            load_cifar100,
+            subdir=CIFAR100_DIR,
+            defaults=_TRIX,
+            dafa_lambda=1.5,
+        ),
+        DatasetInfo(
+            "stl10",
+            "STL-10 labeled splits (5,000 train / 8,000 test), official binary, resized 96->64 like "
+            "TRIX/DAFA",
+            load_stl10,
+            subdir=STL10_DIR,
+            defaults=_TRIX,
+            dafa_lambda=1.5,
+        ),
+        DatasetInfo(
+            "tinyimagenet",
+            "Tiny-ImageNet-200 (100,000 train / 10,000 val used as test, 3x64x64); the TRIX code has no "
+            "Tiny-ImageNet config, so CIFAR-100's DAFA lambda 1.5 is used",
+            load_tinyimagenet,
+            subdir=TINY_DIR,
+            defaults=_TRIX,
+            dafa_lambda=1.5,
+        ),
+        DatasetInfo(
+            "fashionmnist",
+            "Fashion-MNIST (60,000 train / 10,000 test, 1x28x28), idx files; also found where Debian's "
+            "dataset-fashion-mnist installs them",
+            load_fashionmnist,
+            subdir=FASHION_DIR,
+            defaults=RunDefaults(arch="smallcnn", epochs=20, batch_size=128, method_overrides={"warmup": 10}),
+            dafa_lambda=1.0,
+        ),
+    )
+}
+
+
+def list_datasets() -> list[str]:
+    return sorted(DATASETS)
+
+
+def get_dataset_info(name: str) -> DatasetInfo:
+    """The registry entry for `name`; an unknown name raises UnknownNameError listing the valid ones."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise UnknownNameError("dataset", name, list(DATASETS)) from None
+
+
+def default_data_root() -> Path:
+    """`$FAIRBENCH_DATA` if set, else `./data` (relative to the working directory)."""
+    env = os.environ.get(DATA_ENV)
+    return Path(env).expanduser() if env else Path("data")
+
+
+def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
+    """Read dataset `name` from `root` (default: `default_data_root()`)."""
+    info = get_dataset_info(name)
+    return info.load(Path(root).expanduser() if root is not None else default_data_root())

@@ -1,0 +1,140 @@
+"""Class-wise evaluation: one record per (suite, component, sample), verified in strict fp32.
+
+Tables are built from these records (`per_class_counts`), never by re-scoring adversarial inputs.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from fairbench.attacks.pgd import project
+from fairbench.attacks.registry import EvalAttack, create_attack
+from fairbench.attacks.training import eval_mode
+from fairbench.data.loader import DeviceSplit, eval_batches
+
+
+class InfeasibleAdversarialError(RuntimeError):
+    """An attack returned a point outside the eps-ball or the [0, 1] box: a bug in the attack."""
+
+
+@contextmanager
+def strict_fp32() -> Iterator[None]:
+    """TF32 off for the verdict (allowed for search only)."""
+    cuda = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = cuda
+
+
+def margins(logits: Tensor, y: Tensor) -> Tensor:
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.scatter(1, y[:, None], float("-inf")).amax(1)
+    return true - other
+
+
+@torch.no_grad()
+def _verdict(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    with strict_fp32():
+        logits = model(x.float()).float()
+    return logits.argmax(1), margins(logits, y)
+
+
+def _records(suite: str, component: str, order: int, ids: Tensor, y: Tensor, attempted: Tensor,
+             success: Tensor, success_any: Tensor, pred: Tensor, margin: Tensor, linf: Tensor) -> dict[str, np.ndarray]:
+    n = len(ids)
+    return {
+        "suite": np.full(n, suite, dtype=object), "component": np.full(n, component, dtype=object),
+        "order": np.full(n, order, dtype=np.int8), "sample_idx": ids.cpu().numpy().astype(np.int32),
+        "label": y.cpu().numpy().astype(np.int16), "attempted": attempted.cpu().numpy(),
+        "success": success.cpu().numpy(), "success_any": success_any.cpu().numpy(),
+        "pred": pred.cpu().numpy().astype(np.int16), "margin": margin.cpu().numpy().astype(np.float32),
+        "linf": linf.cpu().numpy().astype(np.float32),
+    }
+
+
+def _attack_batch(model: nn.Module, suite: str, attack: EvalAttack, x: Tensor, y: Tensor, ids: Tensor,
+                  clean_correct: Tensor, seed: int) -> list[dict[str, np.ndarray]]:
+    out = []
+    robust = clean_correct.clone()
+    for order, comp in enumerate(attack.run(model, x, y, ids, seed, robust.clone()), start=1):
+        x_adv = project(comp.x_adv, x, attack.eps)  # canonicalise (a no-op for PGD)
+        if not torch.equal(project(x_adv, x, attack.eps), x_adv):
+            raise InfeasibleAdversarialError(f"{suite}/{comp.component} returned a point outside the feasible set")
+        attempted = robust.clone()
+        pred, margin = _verdict(model, x_adv, y)
+        success = attempted & (pred != y)
+        any_ = success if comp.success_any is None else attempted & (comp.success_any | success)
+        linf = (x_adv.double() - x.double()).abs().flatten(1).amax(1)
+        out.append(_records(suite, comp.component, order, ids, y, attempted, success, any_, pred, margin, linf))
+        robust &= ~success
+    return out
+
+
+def evaluate_split(model: nn.Module, split: DeviceSplit, attacks: list[str], eps: float,
+                   batch_size: int = 256, seed: int = 0) -> pd.DataFrame:
+    """Per-sample records for `clean` and every attack suite named in `attacks`, in eval mode."""
+    suites = [(name, create_attack(name, eps)) for name in attacks if name != "clean"]
+    parts: list[dict[str, np.ndarray]] = []
+    with eval_mode(model):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        try:
+            for x, y, ids in eval_batches(split, batch_size):
+                pred, margin = _verdict(model, x, y)
+                correct = pred == y
+                no = torch.zeros_like(correct)
+                parts.append(_records("clean", "clean", 0, ids, y, torch.ones_like(correct), ~correct, no,
+                                      pred, margin, torch.zeros(len(y), device=y.device)))
+                for name, attack in suites:
+                    with torch.enable_grad():
+                        parts.extend(_attack_batch(model, name, attack, x, y, ids, correct, seed))
+        finally:
+            for p in model.parameters():
+                p.requires_grad_(True)
+    return pd.DataFrame({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+
+
+def robust_flags(samples: pd.DataFrame) -> pd.DataFrame:
+    """One row per (suite, sample): correct = clean-correct and no component of the suite succeeded."""
+    clean = samples[samples.suite == "clean"].set_index("sample_idx")
+    clean_ok = ~clean["success"]
+    frames = [pd.DataFrame({"suite": "clean", "sample_idx": clean.index, "label": clean["label"].values,
+                            "correct": clean_ok.values})]
+    attacked = samples[samples.suite != "clean"]
+    if len(attacked):
+        broken = attacked.groupby(["suite", "sample_idx"], sort=False)["success"].any().reset_index()
+        broken["label"] = clean.loc[broken.sample_idx, "label"].values
+        broken["correct"] = clean_ok.loc[broken.sample_idx].values & ~broken["success"].values
+        frames.append(broken[["suite", "sample_idx", "label", "correct"]])
+    return pd.concat(frames, ignore_index=True)
+
+
+def per_class_counts(samples: pd.DataFrame, num_classes: int) -> pd.DataFrame:
+    """(suite, class_id, n, correct) for every class, including classes with zero correct."""
+    flags = robust_flags(samples)
+    rows = []
+    for suite, group in flags.groupby("suite", sort=False):
+        labels = group["label"].to_numpy().astype(np.int64)
+        n = np.bincount(labels, minlength=num_classes)
+        correct = np.bincount(labels, weights=group["correct"].to_numpy(), minlength=num_classes).astype(np.int64)
+        rows.append(pd.DataFrame({"attack": suite, "class_id": np.arange(num_classes), "n": n, "correct": correct}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def classwise_accuracy(model: nn.Module, split: DeviceSplit, num_classes: int, attack: str | None,
+                       batch_size: int, seed: int = 0, **options: Any) -> Tensor:
+    """Per-class accuracy (C,) on `split`, clean (attack None) or under a registered attack (on the device)."""
+    eps = options.get("eps", 8 / 255)
+    samples = evaluate_split(model, split, [] if attack is None else [attack], eps, batch_size, seed)
+    counts = per_class_counts(samples, num_classes)
+    counts = counts[counts.attack == ("clean" if attack is None else attack)]
+    acc = counts["correct"].to_numpy() / np.maximum(counts["n"].to_numpy(), 1)
+    return torch.tensor(acc, dtype=torch.float32, device=split.labels.device)

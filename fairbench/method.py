@@ -1,0 +1,152 @@
+"""The `FairAT` method interface and the small context object a method sees.
+
+A method never owns the loop: the engine calls its hooks, checkpoints its `state_dict`, and offers
+the services several methods share (a held-out validation split, a per-sample memory of adversarial
+probabilities, class-wise accuracy on a split, a seeded generator).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from fairbench.data.loader import DeviceSplit
+
+
+@dataclass
+class Batch:
+    x: Tensor
+    """Augmented float images in [0, 1] on the device."""
+    y: Tensor
+    """int64 labels."""
+    idx: Tensor
+    """int64 positions in the training split (stable across epochs), for per-sample memories."""
+
+
+@dataclass
+class StepOut:
+    loss: Tensor
+    """Scalar to minimise; the engine calls backward and checks finiteness without a host sync."""
+    log: dict[str, Tensor] = field(default_factory=dict)
+    """Detached scalars to show in the progress line (reduced by the engine at log intervals)."""
+
+
+@dataclass(frozen=True)
+class ValidationSpec:
+    """A held-out split taken from the training set per class, in dataset order (FRL, WAT, CFA)."""
+
+    fraction: float
+    """Share of each class held out (FRL/WAT: 0.06 = 300 of 5000, CFA: 0.02 = 100 of 5000)."""
+    position: Literal["first", "last"] = "last"
+    """Which end of each class's samples (in dataset order) is held out."""
+
+
+class SampleMemory:
+    """One row per training sample: the latest recorded probability vector and whether it was written.
+
+    DAFA and TRIX fill it during their warm-up epoch from the adversarial predictions; the class
+    similarity matrix is then one `index_add` on the device.
+    """
+
+    def __init__(self, num_samples: int, num_classes: int, device: torch.device):
+        self.probs = torch.zeros(num_samples, num_classes, device=device)
+        self.labels = torch.full((num_samples,), -1, dtype=torch.long, device=device)
+        self.written = torch.zeros(num_samples, dtype=torch.int32, device=device)
+
+    def reset(self) -> None:
+        self.probs.zero_()
+        self.labels.fill_(-1)
+        self.written.zero_()
+
+    def record(self, idx: Tensor, probs: Tensor, labels: Tensor) -> None:
+        self.probs[idx] = probs.detach().float()
+        self.labels[idx] = labels
+        self.written[idx] += 1
+
+    def class_similarity(self) -> Tensor:
+        """P[i, j] = mean recorded probability of class j over the written samples of true class i."""
+        c = self.probs.shape[1]
+        mask = self.written > 0
+        labels, probs = self.labels[mask], self.probs[mask]
+        sums = torch.zeros(c, c, device=probs.device).index_add_(0, labels, probs)
+        counts = torch.bincount(labels, minlength=c).clamp_min(1).unsqueeze(1)
+        return sums / counts
+
+
+@dataclass
+class RunContext:
+    """What a method may use. Built by the engine; methods read it, they do not construct it."""
+
+    num_classes: int
+    device: torch.device
+    epochs: int
+    dataset: str
+    class_names: tuple[str, ...]
+    dafa_lambda: float
+    """The dataset's DAFA/TRIX weight strength (1.0 CIFAR-10, 1.5 CIFAR-100/STL-10/Tiny-ImageNet)."""
+    num_train: int
+    epoch: int = 0
+    """Current epoch, counted from 1 as in the DAFA/TRIX/TRADES code."""
+    generator: torch.Generator | None = None
+    """Seeded per epoch on the device: draw attack noise and targets from it, never from the global RNG."""
+    memory: SampleMemory | None = None
+    """Allocated when the method declares `needs = {"sample_memory"}`."""
+    val_split: "DeviceSplit | None" = None
+    """Allocated when the method declares a `validation` spec."""
+    eval_batch_size: int = 256
+
+    def classwise_accuracy(self, model: nn.Module, split: "DeviceSplit", attack: str | None = None,
+                           **attack_options: Any) -> Tensor:
+        """Per-class accuracy (C,) of `model` on `split`, clean or under a registered attack, in eval mode."""
+        from fairbench.evaluate import classwise_accuracy
+
+        return classwise_accuracy(model, split, self.num_classes, attack, self.eval_batch_size,
+                                  seed=self.epoch, **attack_options)
+
+
+class FairAT:
+    """Base class of every training method. Override `training_loss`; the other hooks are optional."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    """One line shown by `fairbench methods`."""
+    Config: ClassVar[type] = object
+    """A dataclass of hyperparameters with the paper's defaults, one docstring per field."""
+    needs: ClassVar[frozenset[str]] = frozenset()
+    """Engine services to allocate: "sample_memory"."""
+    validation: ClassVar[ValidationSpec | None] = None
+
+    def __init__(self, config: Any | None = None):
+        self.config = config if config is not None else self.Config()
+
+    def setup(self, ctx: RunContext) -> None:
+        """Allocate per-class state on `ctx.device`."""
+
+    def on_epoch_start(self, epoch: int, ctx: RunContext) -> None:
+        """Called before the first batch of `epoch` (1-indexed)."""
+
+    def training_loss(self, model: nn.Module, batch: Batch, ctx: RunContext) -> StepOut:
+        raise NotImplementedError(f"{type(self).__name__} must define training_loss (abstract)")
+
+    def on_epoch_end(self, epoch: int, ctx: RunContext) -> None:
+        """Called after the last batch of `epoch`, before the checkpoint is written."""
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        """The model to evaluate and report; CFA returns its weight-averaged copy."""
+        return model
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly (tensors are saved as they are)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state but the checkpoint holds {sorted(state)}")
+
+    def config_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else {}

@@ -1,0 +1,50 @@
+"""Result files of a run: per-class counts (the table's input), per-sample records, metadata.
+
+Layout: ``OUT/runs/<run_id>/{classwise.parquet, samples.parquet, run.json, checkpoints/}``.
+Each file is written to a temporary name and renamed, so a killed run never leaves half a table;
+`classwise.parquet` is written last and marks a finished run.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fairbench.checkpoint import atomic_write
+
+CLASSWISE_COLUMNS = ["run_id", "method", "dataset", "arch", "protocol", "seed", "epoch", "attack", "eps",
+                     "class_id", "class_name", "n", "correct", "method_source", "method_version"]
+
+
+def run_dir(out: Path, run_id: str) -> Path:
+    return Path(out) / "runs" / run_id
+
+
+def is_finished(folder: Path) -> bool:
+    return (folder / "classwise.parquet").is_file()
+
+
+def write_parquet(path: Path, frame: pd.DataFrame, metadata: dict[str, Any] | None = None) -> None:
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    if metadata:
+        meta = dict(table.schema.metadata or {})
+        meta[b"fairbench"] = json.dumps(metadata, default=str).encode()
+        table = table.replace_schema_metadata(meta)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=2, default=str)
+
+    atomic_write(path, write)
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(b"fairbench", b"{}"))

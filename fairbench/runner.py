@@ -1,0 +1,121 @@
+"""One run end to end: resolve, train (or resume), evaluate the last k checkpoints, write results."""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fairbench import __version__
+from fairbench.attacks.registry import create_attack
+from fairbench.checkpoint import list_checkpoints, load_checkpoint
+from fairbench.data import load_dataset
+from fairbench.data.loader import DeviceSplit, stratified_subset
+from fairbench.engine import Reporter, SilentReporter, Trainer, select_device
+from fairbench.errors import FairbenchError
+from fairbench.evaluate import evaluate_split, per_class_counts
+from fairbench.results import CLASSWISE_COLUMNS, is_finished, run_dir, write_json, write_parquet
+from fairbench.spec import ResolvedRun, RunSpec, provenance, resolve
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    folder: Path
+    status: str
+    """'done' (trained and evaluated now) or 'skipped' (a finished run with this config exists)."""
+
+
+def run_one(spec: RunSpec, out: Path, resume: bool = False, reporter: Reporter | None = None,
+            keep_last: int = 5, after_batch=None) -> RunOutcome:
+    reporter = reporter or SilentReporter()
+    resolved = resolve(spec)
+    folder = run_dir(out, resolved.run_id)
+    if is_finished(folder):
+        reporter.message(f"{resolved.run_id}: finished earlier, skipped")
+        return RunOutcome(resolved.run_id, folder, "skipped")
+    dataset = load_dataset(spec.dataset, spec.data_dir)
+    device = select_device(spec.device)
+    trainer = Trainer.build(resolved, dataset, device)
+    ckpt_dir = folder / "checkpoints"
+    existing = list_checkpoints(ckpt_dir)
+    if existing and not resume:
+        raise FairbenchError(
+            f"{folder} already holds checkpoints up to epoch {max(existing)}; pass --resume to continue that "
+            f"run, or choose another --out. Nothing was overwritten.")
+    start_epoch = trainer.resume_epoch(ckpt_dir) if resume else 0
+    if start_epoch:
+        reporter.message(f"{resolved.run_id}: resuming after epoch {start_epoch}")
+    t0 = time.perf_counter()
+    stats = {}
+    if start_epoch < resolved.epochs:
+        stats = trainer.fit(ckpt_dir, start_epoch, reporter, keep_last=max(keep_last, spec.eval_last),
+                            after_batch=after_batch)
+    train_wall = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    classwise, samples, evaluated = evaluate_checkpoints(trainer, resolved, dataset, ckpt_dir)
+    eval_wall = time.perf_counter() - t1
+    metadata = run_metadata(resolved, trainer, device, stats, train_wall, eval_wall, evaluated)
+    write_parquet(folder / "samples.parquet", samples)
+    write_json(folder / "run.json", metadata)
+    write_parquet(folder / "classwise.parquet", classwise, metadata)
+    reporter.message(f"{resolved.run_id}: wrote {folder / 'classwise.parquet'}")
+    return RunOutcome(resolved.run_id, folder, "done")
+
+
+def test_split(resolved: ResolvedRun, dataset, device: torch.device) -> DeviceSplit:
+    per_class = resolved.spec.eval_per_class
+    index = stratified_subset(dataset.test.labels, dataset.num_classes, per_class) if per_class else None
+    full = DeviceSplit.from_arrays(dataset.test, device)
+    return full if index is None else full.subset(torch.as_tensor(index, device=device))
+
+
+def evaluate_checkpoints(trainer: Trainer, resolved: ResolvedRun, dataset, ckpt_dir: Path
+                         ) -> tuple[pd.DataFrame, pd.DataFrame, list[int]]:
+    """Clean + every attack suite on each of the last `eval_last` checkpoints."""
+    spec = resolved.spec
+    found = list_checkpoints(ckpt_dir)
+    if not found or max(found) != resolved.epochs:
+        raise FairbenchError(f"training of {resolved.run_id} did not finish (checkpoints: {sorted(found)})")
+    epochs = sorted(found)[-spec.eval_last:]
+    split = test_split(resolved, dataset, trainer.device)
+    eps_of = {"clean": 0.0, **{a: create_attack(a, spec.eval_eps).eps for a in spec.attacks if a != "clean"}}
+    source = provenance(resolved)
+    class_frames, sample_frames = [], []
+    for epoch in epochs:
+        trainer.restore(load_checkpoint(found[epoch], resolved.run_id, resolved.config_hash))
+        model = trainer.method.eval_model(trainer.model)
+        samples = evaluate_split(model, split, list(spec.attacks), spec.eval_eps, spec.eval_batch_size, seed=spec.seed)
+        samples.insert(0, "epoch", epoch)
+        sample_frames.append(samples)
+        counts = per_class_counts(samples, dataset.num_classes)
+        counts["epoch"] = epoch
+        class_frames.append(counts)
+    classwise = pd.concat(class_frames, ignore_index=True)
+    classwise = classwise.assign(
+        run_id=resolved.run_id, method=spec.method, dataset=spec.dataset, arch=resolved.arch,
+        protocol=resolved.protocol_id, seed=spec.seed, eps=classwise["attack"].map(eps_of).astype(float),
+        class_name=np.asarray(dataset.class_names, dtype=object)[classwise["class_id"].to_numpy()], **source)
+    return classwise[CLASSWISE_COLUMNS], pd.concat(sample_frames, ignore_index=True), epochs
+
+
+def run_metadata(resolved: ResolvedRun, trainer: Trainer, device: torch.device, stats: dict,
+                 train_wall: float, eval_wall: float, evaluated: list[int]) -> dict:
+    spec = resolved.spec
+    return {
+        "run_id": resolved.run_id, "config_hash": resolved.config_hash, "protocol_id": resolved.protocol_id,
+        "protocol": resolved.protocol, "config": resolved.as_dict(), **provenance(resolved),
+        "method_state": {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in trainer.method.state_dict().items()},
+        "attacks": {a: create_attack(a, spec.eval_eps).settings() for a in spec.attacks if a != "clean"},
+        "evaluated_epochs": evaluated, "num_train": trainer.ctx.num_train,
+        "num_params": sum(p.numel() for p in trainer.model.parameters()),
+        "amp_bf16": trainer.amp, "channels_last": trainer.channels_last,
+        "versions": {"fairbench": __version__, "torch": torch.__version__, "numpy": np.__version__,
+                     "python": platform.python_version()},
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "train_wall_s": train_wall, "eval_wall_s": eval_wall, **stats,
+    }

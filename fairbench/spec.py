@@ -1,0 +1,148 @@
+"""What one run is: `RunSpec` (what the user asked for) resolved into `ResolvedRun` (every value concrete).
+
+The run id carries a hash of the resolved configuration, so re-running a grid finds finished runs,
+and the protocol hash groups runs that rho may compare (same data, model and optimisation).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from fairbench.config import apply_overrides
+from fairbench.data import get_dataset_info
+from fairbench.errors import FairbenchError
+from fairbench.method import FairAT
+from fairbench.models import MODELS
+from fairbench.errors import UnknownNameError
+from fairbench.registry import get_method_class, method_source
+from fairbench.schedules import SCHEDULES
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str
+    dataset: str
+    seed: int = 1
+    arch: str | None = None
+    """None: the dataset's default (resnet18 for CIFAR/STL/Tiny-ImageNet, smallcnn for digits)."""
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "bag_of_tricks"
+    overrides: dict[str, str] = field(default_factory=dict)
+    """Method hyperparameters (``--set key=value`` or ``--set method.key=value``)."""
+    train_per_class: int | None = None
+    """Train on the first N samples of each class (small-scale runs); None = all."""
+    eval_per_class: int | None = None
+    """Evaluate on the first N test samples of each class; None = the whole test set."""
+    attacks: tuple[str, ...] = ("pgd20",)
+    eval_eps: float = 8 / 255
+    eval_last: int = 5
+    """Evaluate the last k checkpoints (the paper averages over the last 5 epochs)."""
+    eval_batch_size: int = 256
+    data_dir: str | None = None
+    device: str = "auto"
+    amp: bool | None = None
+    """bf16 autocast for training; None = on for CUDA, off on CPU."""
+    channels_last: bool | None = None
+    """None = on for CUDA."""
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    spec: RunSpec
+    arch: str
+    epochs: int
+    batch_size: int
+    method_config: Any
+    method_cls: type[FairAT]
+
+    @property
+    def protocol(self) -> dict[str, Any]:
+        s = self.spec
+        return {"dataset": s.dataset, "arch": self.arch, "epochs": self.epochs, "batch_size": self.batch_size,
+                "lr": s.lr, "momentum": s.momentum, "nesterov": s.nesterov, "weight_decay": s.weight_decay,
+                "schedule": s.schedule, "train_per_class": s.train_per_class}
+
+    @property
+    def protocol_id(self) -> str:
+        return _digest(self.protocol)
+
+    def as_dict(self) -> dict[str, Any]:
+        spec = dataclasses.asdict(self.spec)
+        spec.pop("data_dir"), spec.pop("device"), spec.pop("overrides")
+        return {**spec, "arch": self.arch, "epochs": self.epochs, "batch_size": self.batch_size,
+                "method_config": dataclasses.asdict(self.method_config)}
+
+    @property
+    def config_hash(self) -> str:
+        return _digest(self.as_dict())
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.spec.method}_{self.spec.dataset}_{self.arch}_s{self.spec.seed}_{self.config_hash}"
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def method_overrides(overrides: dict[str, str], method: str, config_cls: type) -> dict[str, str]:
+    """The overrides that apply to `method`: ``method.key`` always, a bare ``key`` where the field exists."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    picked = {}
+    for key, value in overrides.items():
+        scope, _, name = key.rpartition(".")
+        if scope and scope == method:
+            picked[name] = value
+        elif not scope and name in names:
+            picked[name] = value
+    return picked
+
+
+def check_overrides(overrides: dict[str, str], methods: list[str]) -> None:
+    """Every bare key must exist in at least one selected method, every scoped key in its method."""
+    fields_by_method = {m: {f.name for f in dataclasses.fields(get_method_class(m).Config)} for m in methods}
+    for key in overrides:
+        scope, _, name = key.rpartition(".")
+        if scope:
+            if scope not in fields_by_method:
+                raise FairbenchError(f"--set {key}: method {scope!r} is not among the selected methods {methods}")
+            if name not in fields_by_method[scope]:
+                raise UnknownNameError(f"option of {scope}", name, list(fields_by_method[scope]))
+        elif not any(name in f for f in fields_by_method.values()):
+            raise UnknownNameError("option", name, sorted(set().union(*fields_by_method.values())))
+
+
+def resolve(spec: RunSpec) -> ResolvedRun:
+    info = get_dataset_info(spec.dataset)
+    cls = get_method_class(spec.method)
+    arch = spec.arch or info.defaults.arch
+    if arch not in MODELS:
+        raise UnknownNameError("arch", arch, list(MODELS))
+    if spec.schedule not in SCHEDULES:
+        raise UnknownNameError("schedule", spec.schedule, list(SCHEDULES))
+    for attack in spec.attacks:
+        from fairbench.attacks.registry import create_attack
+
+        if attack != "clean":
+            create_attack(attack, spec.eval_eps)
+    epochs = spec.epochs or info.defaults.epochs
+    batch = spec.batch_size or info.defaults.batch_size
+    if epochs < 1 or batch < 1:
+        raise FairbenchError(f"epochs and batch size must be positive (got {epochs}, {batch})")
+    scale_defaults = method_overrides(dict(info.defaults.method_overrides), spec.method, cls.Config)
+    config = apply_overrides(cls.Config(), scale_defaults, spec.method)
+    config = apply_overrides(config, method_overrides(spec.overrides, spec.method, cls.Config), spec.method)
+    return ResolvedRun(spec, arch, epochs, batch, config, cls)
+
+
+def provenance(resolved: ResolvedRun) -> dict[str, str]:
+    src = method_source(resolved.spec.method)
+    return {"method_source": src.package, "method_version": src.version}

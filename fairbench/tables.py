@@ -1,0 +1,378 @@
+"""Fairness tables from the long per-class results (one row per run x checkpoint x attack x class).
+
+Pipeline: `load_results` -> `run_metrics` (per checkpoint, then mean of the last k checkpoints of each
+run) -> `fairness_table` (mean/std over seeds, rho against the baseline of the same protocol) ->
+`format_table` (rich / markdown / LaTeX / CSV).
+
+Conventions (metrics.md): accuracies in percent; worst-class statistics are computed per checkpoint
+from that checkpoint's own per-class accuracies and only then averaged (never min of averages);
+rho uses the baseline's mean-over-seeds accuracies, so it is linear in the method's means.
+Row order: groups in order of first appearance of (dataset, arch, protocol) then attack in the input;
+within a group the baseline first, then the other methods in order of first appearance (stable).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from fairbench import metrics
+from fairbench.errors import FairbenchError, UnknownNameError
+
+CLEAN = "clean"
+NO_ATTACK = "(none)"
+RESULT_COLUMNS = ("run_id", "method", "dataset", "arch", "protocol", "seed", "epoch", "attack", "eps",
+                  "class_id", "class_name", "n", "correct")
+REQUIRED_COLUMNS = [c for c in RESULT_COLUMNS if c not in ("eps", "class_name")]  # the rest is descriptive
+RUN_KEYS = ["dataset", "arch", "protocol", "method", "seed", "run_id"]
+GROUP_KEYS = ["dataset", "arch", "protocol", "attack"]
+TABLE_COLUMNS = ["dataset", "arch", "protocol", "attack", "method", "n_seeds",
+                 "clean_avg_mean", "clean_avg_std", "clean_worst_mean", "clean_worst_std", "rho_clean",
+                 "rob_avg_mean", "rob_avg_std", "rob_worst_mean", "rob_worst_std", "rho_rob", "note"]
+FORMATS = ("rich", "md", "latex", "csv")
+
+
+class ResultsWarning(UserWarning):
+    """A results file was skipped (unreadable or not a per-class table)."""
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+def load_results(results_dir: str | Path) -> pd.DataFrame:
+    """Concatenate every `**/classwise.parquet` under `results_dir`; unreadable files are skipped."""
+    root = Path(results_dir)
+    files = sorted(root.rglob("classwise.parquet")) if root.is_dir() else []
+    frames = [f for f in (_read_classwise(p) for p in files) if f is not None]
+    if not frames:
+        raise FairbenchError(f"no results under {root}; run `fairbench run ...` first")
+    return pd.concat(frames, ignore_index=True)
+
+
+def _read_classwise(path: Path) -> pd.DataFrame | None:
+    """One file, or None with a ResultsWarning naming it (a crashed writer must not break tables)."""
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as err:  # noqa: BLE001  any reader error means "skip this file"
+        warnings.warn(f"skipping unreadable results file {path}: {err}", ResultsWarning, stacklevel=3)
+        return None
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        warnings.warn(f"skipping results file {path}: missing columns {missing}", ResultsWarning,
+                      stacklevel=3)
+        return None
+    return frame
+
+
+# ------------------------------------------------------------------------------------ run metrics
+
+def run_metrics(df: pd.DataFrame, last_k: int | None = 5, worst: str = "min") -> pd.DataFrame:
+    """One row per (run, attack): avg and worst in percent, each the mean over the run's last `last_k`
+    checkpoints (largest epochs) of the per-checkpoint metric. `worst` is "min" or "min20".
+
+    Extra columns: n_checkpoints (how many were averaged) and last_epoch. `last_k=None` uses all.
+    """
+    metrics.worst_metric(worst)  # validates the name
+    if last_k is not None and (not isinstance(last_k, (int, np.integer)) or last_k < 1):
+        raise FairbenchError(f"last_k must be a positive integer (or None for all), got {last_k!r}")
+    _check_results(df)
+    ckpt = _checkpoint_metrics(df, worst)
+    return _average_last_checkpoints(ckpt, last_k, _appearance_order(df, ["run_id", "attack"]))
+
+
+def _check_results(df: pd.DataFrame) -> None:
+    """Fail early and clearly on frames that would silently give wrong numbers."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise FairbenchError(f"results table lacks columns {missing}")
+    if df.empty:
+        raise FairbenchError("results table has no rows")
+    per_run = df.groupby("run_id", sort=False)[RUN_KEYS[:-1]].nunique(dropna=False)
+    bad = per_run.index[(per_run > 1).any(axis=1)]
+    if len(bad):
+        raise FairbenchError(f"run {bad[0]!r} has several dataset/arch/protocol/method/seed values")
+    dup = df.duplicated(["run_id", "epoch", "attack", "class_id"], keep=False)
+    if dup.any():
+        r = df[dup].iloc[0]
+        raise FairbenchError(
+            f"duplicate per-class rows for run {r.run_id!r}, epoch {r.epoch}, attack {r.attack!r}, "
+            f"class {r.class_id} (results loaded twice, or one attack name used for several eps?)")
+    if (df["n"] < 0).any() or (df["correct"] < 0).any() or (df["correct"] > df["n"]).any():
+        raise FairbenchError("per-class counts must satisfy 0 <= correct <= n")
+
+
+def _checkpoint_metrics(df: pd.DataFrame, worst: str) -> pd.DataFrame:
+    """avg and worst (fractions) per (run, attack, epoch) from that checkpoint's own class counts."""
+    keys = RUN_KEYS + ["attack", "epoch"]
+    d = df.loc[df["n"] > 0, keys + ["n", "correct"]].copy()  # a class with n = 0 was not evaluated
+    d["acc"] = d["correct"].astype(float) / d["n"].astype(float)
+    g = d.groupby(keys, sort=False, dropna=False)
+    out = g.agg(correct=("correct", "sum"), n=("n", "sum"), worst=("acc", "min"))
+    out["avg"] = out["correct"].astype(float) / out["n"].astype(float)
+    if worst == "min20":
+        out["worst"] = _worst_fraction_per_group(d, keys)
+    return out.reset_index()
+
+
+def _worst_fraction_per_group(d: pd.DataFrame, keys: list[str]) -> pd.Series:
+    """Vectorised `metrics.worst_fraction_accuracy` per checkpoint (same k = floor(0.2 C), >= 1)."""
+    d = d.sort_values("acc", kind="stable")
+    g = d.groupby(keys, sort=False, dropna=False)
+    rank = g.cumcount()
+    k = metrics.n_worst_classes(g["acc"].transform("size").to_numpy(), metrics.WORST_FRACTION)
+    return d[rank.to_numpy() < k].groupby(keys, sort=False, dropna=False)["acc"].mean()
+
+
+def _average_last_checkpoints(ckpt: pd.DataFrame, last_k: int | None, order: pd.Series) -> pd.DataFrame:
+    """Mean over the last_k largest epochs per (run, attack); accuracies converted to percent."""
+    keys = RUN_KEYS + ["attack"]
+    ckpt = ckpt.sort_values("epoch", ascending=False, kind="stable")
+    if last_k is not None:
+        ckpt = ckpt[ckpt.groupby(keys, sort=False, dropna=False).cumcount() < last_k]
+    out = ckpt.groupby(keys, sort=False, dropna=False).agg(
+        avg=("avg", "mean"), worst=("worst", "mean"), n_checkpoints=("epoch", "size"),
+        last_epoch=("epoch", "max")).reset_index()
+    out[["avg", "worst"]] *= 100.0
+    rank = pd.MultiIndex.from_frame(out[["run_id", "attack"]]).map(order.to_dict())
+    return out.iloc[np.argsort(np.asarray(rank), kind="stable")].reset_index(drop=True)
+
+
+def _appearance_order(df: pd.DataFrame, cols: list[str]) -> pd.Series:
+    """Rank of each distinct value tuple of `cols` by first appearance in df (for stable ordering)."""
+    first = df[cols].drop_duplicates()
+    return pd.Series(range(len(first)), index=pd.MultiIndex.from_frame(first))
+
+
+# --------------------------------------------------------------------------------- fairness table
+
+def fairness_table(
+    df: pd.DataFrame,
+    last_k: int | None = 5,
+    worst: str = "min",
+    baseline: str = "trades",
+    rho_variant: str = "dafa",
+    attacks: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """One row per (dataset, arch, protocol, robust attack, method): mean/std over seeds (percent,
+    ddof=1, NaN for one seed) of clean and robust avg/worst, rho_clean and rho_rob against the
+    `baseline` method's means of the same (dataset, arch, protocol, attack), and a `note` explaining
+    any NaN rho. The clean columns are repeated in each attack's group. The options used are kept in
+    `table.attrs` (worst, last_k, baseline, rho_variant) for the formatters.
+    """
+    metrics.rho(1.0, 1.0, 1.0, 1.0, variant=rho_variant)  # validates the variant name early
+    rm = run_metrics(df, last_k=last_k, worst=worst)
+    per_run = _join_clean(rm, attacks)
+    table = _aggregate_seeds(per_run, last_k)
+    table = _add_rho(table, baseline, rho_variant)
+    table = _order_rows(table, df, baseline)
+    table.attrs.update(worst=worst, last_k=last_k, baseline=baseline, rho_variant=rho_variant)
+    return table
+
+
+def _join_clean(rm: pd.DataFrame, attacks: Sequence[str] | None) -> pd.DataFrame:
+    """Per (run, robust attack): rob_avg, rob_worst plus the run's clean_avg, clean_worst."""
+    clean = rm.loc[rm["attack"] == CLEAN, RUN_KEYS + ["avg", "worst"]].rename(
+        columns={"avg": "clean_avg", "worst": "clean_worst"})
+    rob = rm.loc[rm["attack"] != CLEAN, RUN_KEYS + ["attack", "avg", "worst", "n_checkpoints"]]
+    available = list(pd.unique(rob["attack"]))
+    if attacks is not None:
+        for a in attacks:
+            if a not in available:
+                raise UnknownNameError("attack", a, available)
+        rob = rob[rob["attack"].isin(list(attacks))]
+    elif rob.empty:  # only clean evaluated so far: still show the clean columns
+        rob = rm.loc[rm["attack"] == CLEAN, RUN_KEYS + ["n_checkpoints"]].assign(
+            attack=NO_ATTACK, avg=math.nan, worst=math.nan)
+    rob = rob.rename(columns={"avg": "rob_avg", "worst": "rob_worst"})
+    return rob.merge(clean, on=RUN_KEYS, how="left")
+
+
+def _aggregate_seeds(per_run: pd.DataFrame, last_k: int | None) -> pd.DataFrame:
+    """Mean and std (ddof=1) over the runs of each (group, method), with notes on thin data."""
+    g = per_run.groupby(GROUP_KEYS + ["method"], sort=False, dropna=False)
+    out = g.agg(
+        n_seeds=("run_id", "size"),
+        clean_avg_mean=("clean_avg", "mean"), clean_avg_std=("clean_avg", "std"),
+        clean_worst_mean=("clean_worst", "mean"), clean_worst_std=("clean_worst", "std"),
+        rob_avg_mean=("rob_avg", "mean"), rob_avg_std=("rob_avg", "std"),
+        rob_worst_mean=("rob_worst", "mean"), rob_worst_std=("rob_worst", "std"),
+    ).reset_index()
+    out["note"] = pd.Series([_seed_notes(runs, last_k) for _, runs in g], dtype=object)
+    return out
+
+
+def _seed_notes(runs: pd.DataFrame, last_k: int | None) -> list[str]:
+    """Notes on a method's runs: missing clean results, fewer checkpoints than asked, repeated seeds."""
+    notes = []
+    n_missing = int(runs["clean_avg"].isna().sum())
+    if n_missing:
+        notes.append(f"no clean results for {n_missing} of {len(runs)} runs")
+    fewest = int(runs["n_checkpoints"].min())
+    if last_k is not None and fewest < last_k:
+        notes.append(f"some runs have only {fewest} checkpoint(s) (last_k={last_k})")
+    if runs["seed"].nunique() < len(runs):
+        notes.append("several runs share a seed")
+    return notes
+
+
+def _add_rho(table: pd.DataFrame, baseline: str, variant: str) -> pd.DataFrame:
+    """rho_clean / rho_rob against the baseline's means in the same group; NaN + note if undefined."""
+    base = table.loc[table["method"] == baseline, GROUP_KEYS + [
+        "clean_avg_mean", "clean_worst_mean", "rob_avg_mean", "rob_worst_mean"]]
+    base = base.rename(columns=lambda c: c if c in GROUP_KEYS else "base_" + c)
+    t = table.merge(base, on=GROUP_KEYS, how="left")
+    has_base = (t["base_clean_avg_mean"].notna() | t["base_rob_avg_mean"].notna()).to_numpy()
+    is_base = (t["method"] == baseline).to_numpy()
+    no_base = f"no {baseline} baseline for this protocol"
+    notes = [[no_base] * (not b) + list(n) for b, n in zip(has_base, t["note"])]
+    for kind, label in (("clean", "rho_clean"), ("rob", "rho_rob")):
+        avg, wst, b_avg, b_wst = (t[f"{p}{kind}_{m}_mean"].to_numpy()
+                                  for p in ("", "base_") for m in ("avg", "worst"))
+        r = np.atleast_1d(metrics.rho(avg, wst, b_avg, b_wst, variant=variant))
+        own = ~np.isnan(avg) & ~np.isnan(wst)
+        t[label] = np.where(is_base & own, 0.0, r)  # the baseline against itself is 0 by definition
+        for i in np.flatnonzero(np.isnan(t[label].to_numpy()) & has_base & own):
+            reason = metrics.rho_undefined_reason(b_avg[i], b_wst[i])
+            if reason:
+                which = f"{baseline} {'clean' if kind == 'clean' else 'robust'}"
+                notes[i].append(reason.replace("baseline", which, 1).replace(": rho ", f": {label} "))
+    t["note"] = ["; ".join(n) for n in notes]
+    return t[TABLE_COLUMNS]
+
+
+def _order_rows(table: pd.DataFrame, df: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Groups by first appearance; baseline first in a group, then methods by first appearance."""
+    setup = _appearance_order(df, ["dataset", "arch", "protocol"])
+    attack = {a: i for i, a in enumerate(pd.unique(df["attack"]))}
+    method = {m: i + 1 for i, m in enumerate(pd.unique(df["method"]))}
+    method[baseline] = 0
+    key = pd.DataFrame({
+        "s": pd.MultiIndex.from_frame(table[["dataset", "arch", "protocol"]]).map(setup.to_dict()),
+        "a": table["attack"].map(lambda a: attack.get(a, -1)),
+        "m": table["method"].map(method),
+    })
+    idx = key.sort_values(["s", "a", "m"], kind="stable").index
+    return table.loc[idx].reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------- formatting
+
+def format_table(table: pd.DataFrame, fmt: str = "md"):
+    """Render a `fairness_table`. "rich" -> list of rich Tables (one per group); "md" and "latex" ->
+    one string with a heading and a table per group, notes under each; "csv" -> the flat frame as
+    CSV text (full precision, round-trips through pandas)."""
+    if fmt not in FORMATS:
+        raise UnknownNameError("format", fmt, list(FORMATS))
+    if fmt == "csv":
+        return table.to_csv(index=False)
+    render = {"rich": _rich_group, "md": _md_group, "latex": _latex_group}[fmt]
+    parts = [render(heading, rows, _headers(table), _notes(rows)) for heading, rows in _groups(table)]
+    if fmt == "rich":
+        return parts
+    footer = _footer(table)
+    if footer:
+        parts.append(f"% {footer}" if fmt == "latex" else f"_{footer}_")
+    return "\n\n".join(parts) + "\n"
+
+
+def fmt_mean_std(mean: float, std: float, pm: str = "±") -> str:
+    """`82.17 ± 0.45`; just `82.17` without a std (one seed); `n/a` for NaN."""
+    if mean is None or pd.isna(mean):
+        return "n/a"
+    return f"{mean:.2f}" if std is None or pd.isna(std) else f"{mean:.2f} {pm} {std:.2f}"
+
+
+def fmt_rho(value: float) -> str:
+    """rho with 2 decimals (no `-0.00`); `n/a` for NaN."""
+    if value is None or pd.isna(value):
+        return "n/a"
+    return f"{value + 0.0:.2f}" if round(value, 2) != 0 else "0.00"
+
+
+def _groups(table: pd.DataFrame) -> Iterable[tuple[str, pd.DataFrame]]:
+    """(heading, rows) per (dataset, arch, protocol, attack) in table order."""
+    for (ds, arch, proto, attack), rows in table.groupby(GROUP_KEYS, sort=False, dropna=False):
+        yield f"{ds} / {arch} / {attack} (protocol {proto})", rows
+
+
+def _headers(table: pd.DataFrame) -> list[str]:
+    """Column labels; the worst columns say "worst-20%" when A_wst20 was used (metrics.md 5)."""
+    w = "worst-20%" if table.attrs.get("worst") == "min20" else "worst"
+    return ["method", "seeds", "clean avg", f"clean {w}", "rho_clean", "robust avg", f"robust {w}", "rho_rob"]
+
+
+def _cells(row: pd.Series, pm: str = "±") -> list[str]:
+    """Formatted cells of one row, in `_headers` order."""
+    return [str(row["method"]), str(row["n_seeds"]),
+            fmt_mean_std(row["clean_avg_mean"], row["clean_avg_std"], pm),
+            fmt_mean_std(row["clean_worst_mean"], row["clean_worst_std"], pm), fmt_rho(row["rho_clean"]),
+            fmt_mean_std(row["rob_avg_mean"], row["rob_avg_std"], pm),
+            fmt_mean_std(row["rob_worst_mean"], row["rob_worst_std"], pm), fmt_rho(row["rho_rob"])]
+
+
+def _notes(rows: pd.DataFrame) -> list[str]:
+    """`method: note` lines for the rows that carry a note (they explain every n/a rho)."""
+    notes = rows["note"].fillna("").astype(str) if "note" in rows else pd.Series([], dtype=str)
+    return [f"{m}: {n}" for m, n in zip(rows["method"], notes) if n]
+
+
+def _footer(table: pd.DataFrame) -> str:
+    """Options that change the numbers, stated once under all tables."""
+    a = table.attrs
+    if not a:
+        return ""
+    ckpts = f"the last {a['last_k']} checkpoints" if a.get("last_k") else "all checkpoints"
+    parts = [f"per-run mean over {ckpts}",
+             f"baseline {a.get('baseline')}", f"rho variant {a.get('rho_variant')}"]
+    if a.get("worst") == "min20":
+        parts.append("worst = mean of the lowest 20% classes")
+    return "; ".join(parts)
+
+
+def _md_group(heading: str, rows: pd.DataFrame, headers: list[str], notes: list[str]) -> str:
+    """Heading line, pipe table, notes as a list."""
+    lines = [f"### {heading}", "", "| " + " | ".join(headers) + " |",
+             "| " + " | ".join(["---"] + ["---:"] * (len(headers) - 1)) + " |"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in _cells(r)) + " |" for _, r in rows.iterrows()]
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    return "\n".join(lines)
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}"}
+
+
+def _tex(text: str) -> str:
+    """Escape LaTeX special characters in names and notes."""
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def _latex_group(heading: str, rows: pd.DataFrame, headers: list[str], notes: list[str]) -> str:
+    """A booktabs table environment with the heading as caption and notes under the tabular."""
+    head = [_tex(h) for h in headers]
+    head[4], head[7] = r"$\rho_{\mathrm{clean}}$", r"$\rho_{\mathrm{rob}}$"
+    body = [" & ".join(_tex(c) if i == 0 else c for i, c in enumerate(_cells(r, pm=r"$\pm$"))) + r" \\"
+            for _, r in rows.iterrows()]
+    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{_tex(heading)}}}",
+             r"\begin{tabular}{l" + "r" * (len(headers) - 1) + "}", r"\toprule",
+             " & ".join(head) + r" \\", r"\midrule", *body, r"\bottomrule", r"\end{tabular}"]
+    if notes:
+        lines += [r"\par\smallskip\footnotesize " + r" \\ ".join(_tex(n) for n in notes)]
+    lines.append(r"\end{table}")
+    return "\n".join(lines)
+
+
+def _rich_group(heading: str, rows: pd.DataFrame, headers: list[str], notes: list[str]):
+    """A rich Table with the heading as title and the notes as caption."""
+    from rich.table import Table
+
+    t = Table(title=heading, caption="\n".join(notes) or None, caption_justify="left")
+    for i, h in enumerate(headers):
+        t.add_column(h, justify="left" if i == 0 else "right")
+    for _, r in rows.iterrows():
+        t.add_row(*_cells(r))
+    return t

@@ -1,0 +1,1 @@
+"""Built-in fairness-aware adversarial training methods (one plugin per file)."""

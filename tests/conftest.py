@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny real data and a tiny real model, so tests exercise the real code path in seconds."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fairbench.data import load_dataset
+from fairbench.method import RunContext, SampleMemory
+from fairbench.models import create_model
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    return create_model("smallcnn", num_classes=10, image_shape=(1, 8, 8))
+
+
+@pytest.fixture
+def digits_batch(digits):
+    x = torch.from_numpy(digits.train.images[:32]).float() / 255
+    y = torch.from_numpy(digits.train.labels[:32])
+    return x, y, torch.arange(32)
+
+
+def make_context(num_classes: int = 10, num_train: int = 64, epochs: int = 4, epoch: int = 1,
+                 memory: bool = True, seed: int = 0) -> RunContext:
+    gen = torch.Generator().manual_seed(seed)
+    return RunContext(num_classes=num_classes, device=torch.device("cpu"), epochs=epochs, dataset="digits",
+                      class_names=tuple(str(i) for i in range(num_classes)), dafa_lambda=1.0, num_train=num_train,
+                      epoch=epoch, generator=gen,
+                      memory=SampleMemory(num_train, num_classes, torch.device("cpu")) if memory else None)

@@ -2,7 +2,8 @@
 
 Shared by DAFA (global weights after warm-up) and TRIX (the same rule per batch on clean predictions).
 The official code loops over class pairs on the host; the form here adds the same terms in the same
-order (a cumulative sum along j), so it equals the loop bit for bit on the same device and dtype.
+order (j = 0..C-1, vectorised over i), so it equals the loop bit for bit on the same device and dtype.
+(`torch.cumsum`/`sum` would reorder or widen the accumulation and differ in the last bit.)
 """
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ def dafa_weights(similarity: Tensor, lam: float, tie_rule: TieRule = "code") -> 
     loss = (lam * p.t()) * d.unsqueeze(1)  # lam * P[j,i] * d_i
     zero = torch.zeros((), dtype=p.dtype, device=p.device)
     terms = torch.where(harder & off_diagonal, gain, torch.where(easier & off_diagonal, -loss, zero))
-    ones = torch.ones(c, 1, dtype=p.dtype, device=p.device)
-    return torch.cumsum(torch.cat([ones, terms], dim=1), dim=1)[:, -1]
+    weights = torch.ones(c, dtype=p.dtype, device=p.device)
+    for j in range(c):  # C device ops, no host sync; the official code's order of additions
+        weights = weights + terms[:, j]
+    return weights
 
 
 def batch_class_similarity(probs: Tensor, labels: Tensor, num_classes: int, diagonal_offset: float = 1e-8) -> Tensor:

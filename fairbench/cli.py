@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fairbench.config import field_docs, parse_number
@@ -238,7 +239,7 @@ def main() -> None:
         err.show()
         sys.exit(err.exit_code)
     except FairbenchError as err:
-        err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted: finished epochs are checkpointed; rerun the same command with --resume")

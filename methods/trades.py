@@ -13,7 +13,7 @@ from typing import Literal
 from torch import Tensor
 import torch.nn as nn
 
-from fairbench.attacks.training import clean_logits, inner_attack, trades_loss
+from fairbench.attacks.training import clean_logits, inner_attack, per_sample, start_point, trades_loss
 from fairbench.method import Batch, FairAT, RunContext, StepOut
 from fairbench.registry import register_method
 
@@ -55,13 +55,13 @@ class Trades(FairAT):
         cfg = self.config
         scale = self.sample_scale(batch.y)
         radius = self.radius_scale(scale)
+        eps = cfg.eps if radius is None else cfg.eps * radius
+        start = start_point(batch.x, per_sample(eps, batch.x), cfg.init, ctx.generator)  # noise before targets
         logits_clean = clean_logits(model, batch.x)
         targets, targeted = self.adversary_targets(logits_clean, batch.y, ctx)
         x_adv = inner_attack(
-            model, batch.x, logits_clean,
-            eps=cfg.eps if radius is None else cfg.eps * radius,
-            alpha=cfg.alpha if radius is None else cfg.alpha * radius,
-            steps=cfg.steps, generator=ctx.generator, targets=targets, targeted=targeted, init=cfg.init,
+            model, batch.x, logits_clean, eps=eps, alpha=cfg.alpha if radius is None else cfg.alpha * radius,
+            steps=cfg.steps, generator=ctx.generator, targets=targets, targeted=targeted, start=start,
         )
         loss, _, logits_adv = trades_loss(model, batch.x, x_adv, batch.y, cfg.beta, self.loss_scale(scale))
         self.after_loss(batch, logits_adv, ctx)

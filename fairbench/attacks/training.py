@@ -67,19 +67,21 @@ def inner_attack(
     targets: Tensor | None = None,
     targeted: Tensor | None = None,
     init: Init = "normal",
+    start: Tensor | None = None,
 ) -> Tensor:
     """TRADES-KL PGD (trades.md 2.1) with per-sample eps/alpha and an optional targeted subset.
 
     Untargeted samples ascend KL(p_clean || p(x')); samples with ``targeted[i]`` descend
     CE(f(x'), targets[i]). Each step: sign step, projection onto [x - eps_i, x + eps_i]
     (max first, then min, as the DAFA code), clamp to [0, 1]. Gradients are taken w.r.t. the input
-    only, in eval mode; the returned point is detached.
+    only, in eval mode; the returned point is detached. `start` overrides the drawn start point (the
+    caller then controls the order of random draws: TRIX draws the noise before the targets).
     """
     eps_b, alpha_b = per_sample(eps, x), per_sample(alpha, x)
     lower, upper = x - eps_b, x + eps_b
     flip = None if targeted is None else per_sample(targeted, x).bool()
     with eval_mode(model):
-        x_adv = start_point(x, eps_b, init, generator).detach()
+        x_adv = (start if start is not None else start_point(x, eps_b, init, generator)).detach()
         for _ in range(steps):
             x_adv.requires_grad_(True)
             logits = model(x_adv).float()

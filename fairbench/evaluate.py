@@ -99,7 +99,10 @@ def evaluate_split(model: nn.Module, split: DeviceSplit, attacks: list[str], eps
         finally:
             for p in model.parameters():
                 p.requires_grad_(True)
-    return pd.DataFrame({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+    frame = pd.DataFrame({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+    rank = frame["suite"].map({name: i for i, name in enumerate(["clean", *[n for n, _ in suites]])})
+    order = np.lexsort((frame["sample_idx"].to_numpy(), frame["order"].to_numpy(), rank.to_numpy()))
+    return frame.iloc[order].reset_index(drop=True)  # canonical order, whatever the batch size
 
 
 def robust_flags(samples: pd.DataFrame) -> pd.DataFrame:

@@ -1,0 +1,72 @@
+"""Class-wise evaluation: feasibility, robust <= clean, batch-size independence, counts from records."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fairbench.attacks.pgd import PGD, project
+from fairbench.attacks.rng import per_sample_uniform
+from fairbench.data.loader import DeviceSplit
+from fairbench.evaluate import evaluate_split, per_class_counts, robust_flags
+
+
+def _split(digits, n=120):
+    return DeviceSplit.from_arrays(digits.test, torch.device("cpu")).subset(torch.arange(n))
+
+
+def _trained(tiny_model, digits):
+    x = torch.from_numpy(digits.train.images).float() / 255
+    y = torch.from_numpy(digits.train.labels)
+    opt = torch.optim.SGD(tiny_model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        for i in range(0, len(y), 64):
+            loss = torch.nn.functional.cross_entropy(tiny_model(x[i:i + 64]), y[i:i + 64])
+            opt.zero_grad(), loss.backward(), opt.step()
+    return tiny_model.eval()
+
+
+def test_records_are_feasible_consistent_and_batch_size_independent(tiny_model, digits):
+    model = _trained(tiny_model, digits)
+    split = _split(digits)
+    a = evaluate_split(model, split, ["pgd20"], eps=8 / 255, batch_size=32, seed=1)
+    b = evaluate_split(model, split, ["pgd20"], eps=8 / 255, batch_size=7, seed=1)
+    pd.testing.assert_frame_equal(a, b)
+    pgd = a[a.suite == "pgd20"]
+    assert (pgd.linf <= 8 / 255 + 1e-7).all()
+    assert (pgd.success <= pgd.attempted).all() and (pgd.success_any >= pgd.success).all()
+    counts = per_class_counts(a, 10)
+    clean = counts[counts.attack == "clean"].set_index("class_id")
+    robust = counts[counts.attack == "pgd20"].set_index("class_id")
+    assert (robust.correct <= clean.correct).all() and robust.correct.sum() < clean.correct.sum()
+    assert (clean.n == np.bincount(split.labels.numpy(), minlength=10)).all()
+    assert 0.8 < clean.correct.sum() / clean.n.sum()
+
+
+def test_robust_flags_follow_the_cascade_rule():
+    samples = pd.DataFrame({
+        "suite": ["clean"] * 3 + ["aa"] * 6, "component": ["clean"] * 3 + ["apgd-ce"] * 3 + ["apgd-t"] * 3,
+        "sample_idx": [0, 1, 2] * 3, "label": [0, 1, 1] * 3,
+        "success": [False, False, True, False, True, False, True, False, False],
+    })
+    flags = robust_flags(samples).set_index(["suite", "sample_idx"]).correct
+    assert flags[("clean", 0)] and flags[("clean", 1)] and not flags[("clean", 2)]
+    assert not flags[("aa", 0)] and not flags[("aa", 1)] and not flags[("aa", 2)]
+
+
+def test_pgd_points_satisfy_the_exact_feasibility_check(tiny_model, digits):
+    model = _trained(tiny_model, digits)
+    x = torch.from_numpy(digits.test.images[:50]).float() / 255
+    y = torch.from_numpy(digits.test.labels[:50])
+    out = next(PGD(8 / 255).run(model, x, y, torch.arange(50), 0, torch.ones(50, dtype=torch.bool)))
+    assert torch.equal(project(out.x_adv, x, 8 / 255), out.x_adv)  # P is idempotent: feasible bit for bit
+
+
+def test_counter_rng_depends_only_on_sample_id():
+    ids = torch.tensor([5, 9, 2])
+    a = per_sample_uniform(ids, (3, 4), seed=1)
+    b = per_sample_uniform(ids.flip(0), (3, 4), seed=1).flip(0)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, per_sample_uniform(ids, (3, 4), seed=2))
+    u = per_sample_uniform(torch.arange(2000), (50,), seed=0)
+    assert 0 <= float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01

@@ -59,7 +59,7 @@ def cli() -> None:
 @click.option("--dataset", "-d", default="digits", show_default=True, help="See `fairbench datasets`.")
 @click.option("--seeds", default="1", show_default=True, help="A count (5 -> seeds 1..5) or a list (1,3,7).")
 @click.option("--arch", default=None, help="Model (see `fairbench archs`); default: the dataset's.")
-@click.option("--epochs", type=int, default=None, help="Default: the dataset's (150 for CIFAR/STL-10, 10 for digits).")
+@click.option("--epochs", type=int, default=None, help="Default: the dataset's (150 for CIFAR/STL-10, 20 for digits).")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--lr", type=float, default=0.1, show_default=True)
 @click.option("--schedule", default="bag_of_tricks", show_default=True,

@@ -468,7 +468,7 @@ def test_digits_embedded_split() -> None:
     assert (
         not info.downloadable
         and info.defaults.arch == "smallcnn"
-        and info.defaults.method_overrides == {"warmup": 5}
+        and info.defaults.method_overrides == {"warmup": 10}
     )
 
 

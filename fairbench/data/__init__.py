@@ -62,7 +62,7 @@ DATASETS: dict[str, DatasetInfo] = {
             "on a CPU",
             load_digits_dataset,
             subdir="",
-            defaults=RunDefaults(arch="smallcnn", epochs=10, batch_size=64, method_overrides={"warmup": 5}),
+            defaults=RunDefaults(arch="smallcnn", epochs=20, batch_size=64, method_overrides={"warmup": 10}),
             dafa_lambda=1.0,
             downloadable=False,
         ),

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fairbench.models.base import register_model
-from fairbench.models.resnet import pool_head, pooled_size
+from fairbench.models.resnet import make_head, make_stages, pool_head
 
 
 class PreActBlock(nn.Module):
@@ -40,24 +40,10 @@ class PreActBlock(nn.Module):
 class PreActResNet(nn.Module):
     def __init__(self, num_blocks: list[int], num_classes: int, image_shape: tuple[int, int, int]):
         super().__init__()
-        self.in_planes = 64
         self.conv1 = nn.Conv2d(image_shape[0], 64, 3, stride=1, padding=1, bias=False)
-        self.layer1 = self._make_layer(64, num_blocks[0], 1)
-        self.layer2 = self._make_layer(128, num_blocks[1], 2)
-        self.layer3 = self._make_layer(256, num_blocks[2], 2)
-        self.layer4 = self._make_layer(512, num_blocks[3], 2)
+        self.layer1, self.layer2, self.layer3, self.layer4 = make_stages(PreActBlock, num_blocks)
         self.bn = nn.BatchNorm2d(512 * PreActBlock.expansion)
-        pooled = pooled_size(image_shape)
-        self.global_pool = pooled is None
-        spatial = 1 if pooled is None else pooled[0] * pooled[1]
-        self.linear = nn.Linear(512 * PreActBlock.expansion * spatial, num_classes)
-
-    def _make_layer(self, planes: int, n: int, stride: int) -> nn.Sequential:
-        layers = []
-        for s in [stride] + [1] * (n - 1):
-            layers.append(PreActBlock(self.in_planes, planes, s))
-            self.in_planes = planes * PreActBlock.expansion
-        return nn.Sequential(*layers)
+        self.linear, self.global_pool = make_head(image_shape, 512 * PreActBlock.expansion, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(x)

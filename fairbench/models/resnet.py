@@ -46,6 +46,26 @@ def pool_head(out: torch.Tensor, use_global: bool) -> torch.Tensor:
     return torch.flatten(out, 1)  # reshape, so correct under channels_last too
 
 
+def make_stages(block: type[nn.Module], num_blocks: list[int]) -> list[nn.Sequential]:
+    """The four stages of a CIFAR ResNet (64/128/256/512 channels, strides 1/2/2/2), named layer1..4 by callers
+    so parameter names match the official checkpoints."""
+    in_planes, stages = 64, []
+    for planes, n, stride in zip((64, 128, 256, 512), num_blocks, (1, 2, 2, 2)):
+        blocks = []
+        for s in [stride] + [1] * (n - 1):
+            blocks.append(block(in_planes, planes, s))
+            in_planes = planes * block.expansion
+        stages.append(nn.Sequential(*blocks))
+    return stages
+
+
+def make_head(image_shape: tuple[int, int, int], features: int, num_classes: int) -> tuple[nn.Linear, bool]:
+    """(Linear head, use global pool) by the head-size rule of the module docstring."""
+    pooled = pooled_size(image_shape)
+    spatial = 1 if pooled is None else pooled[0] * pooled[1]
+    return nn.Linear(features * spatial, num_classes), pooled is None
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -72,24 +92,10 @@ class ResNet(nn.Module):
     def __init__(self, num_blocks: list[int], num_classes: int, image_shape: tuple[int, int, int]):
         super().__init__()
         in_channels = image_shape[0]
-        self.in_planes = 64
         self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
-        self.layer1 = self._make_layer(64, num_blocks[0], 1)
-        self.layer2 = self._make_layer(128, num_blocks[1], 2)
-        self.layer3 = self._make_layer(256, num_blocks[2], 2)
-        self.layer4 = self._make_layer(512, num_blocks[3], 2)
-        pooled = pooled_size(image_shape)
-        self.global_pool = pooled is None
-        spatial = 1 if pooled is None else pooled[0] * pooled[1]
-        self.linear = nn.Linear(512 * BasicBlock.expansion * spatial, num_classes)
-
-    def _make_layer(self, planes: int, n: int, stride: int) -> nn.Sequential:
-        layers = []
-        for s in [stride] + [1] * (n - 1):
-            layers.append(BasicBlock(self.in_planes, planes, s))
-            self.in_planes = planes * BasicBlock.expansion
-        return nn.Sequential(*layers)
+        self.layer1, self.layer2, self.layer3, self.layer4 = make_stages(BasicBlock, num_blocks)
+        self.linear, self.global_pool = make_head(image_shape, 512 * BasicBlock.expansion, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))

@@ -368,11 +368,12 @@ def _latex_group(heading: str, rows: pd.DataFrame, headers: list[str], notes: li
 
 def _rich_group(heading: str, rows: pd.DataFrame, headers: list[str], notes: list[str]):
     """A rich Table with the heading as title and the notes as caption."""
+    from rich import box
     from rich.table import Table
 
-    t = Table(title=heading, caption="\n".join(notes) or None, caption_justify="left")
-    for i, h in enumerate(headers):
-        t.add_column(h, justify="left" if i == 0 else "right")
+    t = Table(title=heading, caption="\n".join(notes) or None, caption_justify="left", box=box.SIMPLE_HEAD)
+    for i, h in enumerate(headers):  # two-line headers keep narrow terminals from truncating them
+        t.add_column(h.replace(" ", "\n", 1).replace("_", "\n", 1), justify="left" if i == 0 else "right")
     for _, r in rows.iterrows():
         t.add_row(*_cells(r))
     return t

@@ -103,6 +103,7 @@ class Trainer:
             class_names=dataset.class_names, dafa_lambda=_dafa_lambda(dataset.name), num_train=len(train_split),
             generator=torch.Generator(device=device), val_split=val_split, eval_batch_size=spec.eval_batch_size,
             memory=SampleMemory(len(train_split), dataset.num_classes, device) if "sample_memory" in method.needs else None,
+            model=model,
         )
         method.setup(ctx)
         amp = spec.amp if spec.amp is not None else device.type == "cuda"

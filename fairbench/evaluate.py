@@ -5,7 +5,7 @@ Tables are built from these records (`per_class_counts`), never by re-scoring ad
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -78,10 +78,11 @@ def _attack_batch(model: nn.Module, suite: str, attack: EvalAttack, x: Tensor, y
     return out
 
 
-def evaluate_split(model: nn.Module, split: DeviceSplit, attacks: list[str], eps: float,
+def evaluate_split(model: nn.Module, split: DeviceSplit, attacks: list[str | EvalAttack], eps: float,
                    batch_size: int = 256, seed: int = 0) -> pd.DataFrame:
-    """Per-sample records for `clean` and every attack suite named in `attacks`, in eval mode."""
-    suites = [(name, create_attack(name, eps)) for name in attacks if name != "clean"]
+    """Per-sample records for `clean` and every attack suite in `attacks` (registered names at radius `eps`,
+    or `EvalAttack` instances, recorded under their `name` or class name), in eval mode."""
+    suites = [_suite(a, eps) for a in attacks if a != "clean"]
     parts: list[dict[str, np.ndarray]] = []
     with eval_mode(model):
         for p in model.parameters():
@@ -103,6 +104,12 @@ def evaluate_split(model: nn.Module, split: DeviceSplit, attacks: list[str], eps
     rank = frame["suite"].map({name: i for i, name in enumerate(["clean", *[n for n, _ in suites]])})
     order = np.lexsort((frame["sample_idx"].to_numpy(), frame["order"].to_numpy(), rank.to_numpy()))
     return frame.iloc[order].reset_index(drop=True)  # canonical order, whatever the batch size
+
+
+def _suite(attack: str | EvalAttack, eps: float) -> tuple[str, EvalAttack]:
+    if isinstance(attack, str):
+        return attack, create_attack(attack, eps)
+    return attack.name or type(attack).__name__.lower(), attack
 
 
 def robust_flags(samples: pd.DataFrame) -> pd.DataFrame:
@@ -132,12 +139,11 @@ def per_class_counts(samples: pd.DataFrame, num_classes: int) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True)
 
 
-def classwise_accuracy(model: nn.Module, split: DeviceSplit, num_classes: int, attack: str | None,
-                       batch_size: int, seed: int = 0, **options: Any) -> Tensor:
-    """Per-class accuracy (C,) on `split`, clean (attack None) or under a registered attack (on the device)."""
-    eps = options.get("eps", 8 / 255)
+def classwise_accuracy(model: nn.Module, split: DeviceSplit, num_classes: int, attack: str | EvalAttack | None,
+                       batch_size: int, seed: int = 0, eps: float = 8 / 255) -> Tensor:
+    """Per-class accuracy (C,) on `split`, clean (attack None) or under an attack (on the device)."""
     samples = evaluate_split(model, split, [] if attack is None else [attack], eps, batch_size, seed)
     counts = per_class_counts(samples, num_classes)
-    counts = counts[counts.attack == ("clean" if attack is None else attack)]
+    counts = counts[counts.attack == ("clean" if attack is None else _suite(attack, eps)[0])]
     acc = counts["correct"].to_numpy() / np.maximum(counts["n"].to_numpy(), 1)
     return torch.tensor(acc, dtype=torch.float32, device=split.labels.device)

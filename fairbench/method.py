@@ -15,6 +15,7 @@ import torch.nn as nn
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from fairbench.attacks.registry import EvalAttack
     from fairbench.data.loader import DeviceSplit
 
 
@@ -99,14 +100,17 @@ class RunContext:
     val_split: "DeviceSplit | None" = None
     """Allocated when the method declares a `validation` spec."""
     eval_batch_size: int = 256
+    model: nn.Module | None = None
+    """The model being trained, for epoch-level hooks (validation statistics, weight averaging)."""
 
-    def classwise_accuracy(self, model: nn.Module, split: "DeviceSplit", attack: str | None = None,
-                           **attack_options: Any) -> Tensor:
-        """Per-class accuracy (C,) of `model` on `split`, clean or under a registered attack, in eval mode."""
+    def classwise_accuracy(self, model: nn.Module, split: "DeviceSplit",
+                           attack: "str | EvalAttack | None" = None, eps: float = 8 / 255) -> Tensor:
+        """Per-class accuracy (C,) of `model` on `split`: clean, or under an attack given by registered name
+        (at radius `eps`) or as an `EvalAttack` instance (e.g. ``PGD(8/255, steps=20, alpha=2/255)``)."""
         from fairbench.evaluate import classwise_accuracy
 
         return classwise_accuracy(model, split, self.num_classes, attack, self.eval_batch_size,
-                                  seed=self.epoch, **attack_options)
+                                  seed=self.epoch, eps=eps)
 
 
 class FairAT:

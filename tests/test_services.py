@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fairbench.attacks.pgd import PGD
 from fairbench.data.loader import hold_out
 from fairbench.engine import Trainer
 from fairbench.method import ValidationSpec
@@ -22,7 +23,7 @@ class ValidatedTrades(Trades):
         self.history = []
 
     def on_epoch_end(self, epoch, ctx):
-        self.history.append(ctx.classwise_accuracy(self.model_ref, ctx.val_split, attack="pgd20"))
+        self.history.append(ctx.classwise_accuracy(ctx.model, ctx.val_split, attack=PGD(8 / 255, steps=5, alpha=2 / 255)))
 
 
 def test_validation_split_is_held_out_per_class(digits, tmp_path):
@@ -41,7 +42,6 @@ def test_validation_split_is_held_out_per_class(digits, tmp_path):
         assert set(val.index[val.labels == k].tolist()) == set(members[-val_counts[k]:].tolist())
     assert trainer.ctx.num_train == len(train)
 
-    trainer.method.model_ref = trainer.model
     trainer.fit(tmp_path, 0, reporter=__import__("fairbench.engine", fromlist=["SilentReporter"]).SilentReporter())
     assert len(trainer.method.history) == 2
     acc = trainer.method.history[-1]

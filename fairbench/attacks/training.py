@@ -68,10 +68,13 @@ def inner_attack(
     targeted: Tensor | None = None,
     init: Init = "normal",
     start: Tensor | None = None,
+    untargeted: Literal["kl", "ce"] = "kl",
+    labels: Tensor | None = None,
 ) -> Tensor:
     """TRADES-KL PGD (trades.md 2.1) with per-sample eps/alpha and an optional targeted subset.
 
-    Untargeted samples ascend KL(p_clean || p(x')); samples with ``targeted[i]`` descend
+    Untargeted samples ascend KL(p_clean || p(x')) (or CE(f(x'), labels) with ``untargeted="ce"``, the
+    PGD-AT adversary; `logits_clean` is then unused and may be None); samples with ``targeted[i]`` descend
     CE(f(x'), targets[i]). Each step: sign step, projection onto [x - eps_i, x + eps_i]
     (max first, then min, as the DAFA code), clamp to [0, 1]. Gradients are taken w.r.t. the input
     only, in eval mode; the returned point is detached. `start` overrides the drawn start point (the
@@ -85,7 +88,10 @@ def inner_attack(
         for _ in range(steps):
             x_adv.requires_grad_(True)
             logits = model(x_adv).float()
-            objective = kl_per_sample(logits_clean, logits)
+            if untargeted == "ce":
+                objective = F.cross_entropy(logits, labels, reduction="none")
+            else:
+                objective = kl_per_sample(logits_clean, logits)
             if targeted is not None:
                 ce_target = F.cross_entropy(logits, targets, reduction="none")
                 objective = torch.where(targeted, ce_target, objective)

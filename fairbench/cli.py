@@ -61,9 +61,15 @@ def cli() -> None:
 @click.option("--arch", default=None, help="Model (see `fairbench archs`); default: the dataset's.")
 @click.option("--epochs", type=int, default=None, help="Default: the dataset's (150 for CIFAR/STL-10, 20 for digits).")
 @click.option("--batch-size", type=int, default=None)
-@click.option("--lr", type=float, default=0.1, show_default=True)
-@click.option("--schedule", default="bag_of_tricks", show_default=True,
-              help="bag_of_tricks (DAFA/TRIX), trades, madry, cosine.")
+@click.option("--lr", type=float, default=None, help="Default: the protocol's (0.1).")
+@click.option("--schedule", default=None,
+              help="bag_of_tricks (DAFA/TRIX, default), trades, madry, cosine, constant.")
+@click.option("--weight-decay", type=float, default=None, help="Default: the protocol's (5e-4).")
+@click.option("--protocol", type=click.Choice(["common", "official"]), default="common", show_default=True,
+              help="common: the TRADES protocol of DAFA/TRIX for every method; official: each method's own code.")
+@click.option("--init-from", default=None, help="Start from the weights of a checkpoint file or run folder.")
+@click.option("--hot-start-epochs", type=int, default=None,
+              help="Epochs of the hot-start run a method asks for (FRL starts from TRADES).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Method hyperparameter, e.g. --set warmup=5, --set trix.beta=6, --set eps=8/255.")
 @click.option("--attack", default="pgd20", show_default=True, help="Comma-separated evaluation attacks.")
@@ -78,7 +84,8 @@ def cli() -> None:
 @click.option("--resume", is_flag=True, help="Continue runs from their last checkpoint.")
 @click.option("--plugins", multiple=True, help="Import these modules first (unpackaged local methods).")
 @click.option("--quiet", "-q", is_flag=True)
-def run(methods, dataset, seeds, arch, epochs, batch_size, lr, schedule, sets, attack, eval_eps, eval_last,
+def run(methods, dataset, seeds, arch, epochs, batch_size, lr, schedule, weight_decay, protocol, init_from,
+        hot_start_epochs, sets, attack, eval_eps, eval_last,
         train_per_class, eval_per_class, data_dir, device, amp, out, resume, plugins, quiet) -> None:
     """Train every (method, seed) on DATASET, evaluate the last checkpoints, write per-class parquet."""
     from fairbench.progress import RichReporter
@@ -90,7 +97,8 @@ def run(methods, dataset, seeds, arch, epochs, batch_size, lr, schedule, sets, a
     overrides = _parse_sets(sets)
     check_overrides(overrides, names)
     specs = [RunSpec(method=m, dataset=dataset, seed=s, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
-                     schedule=schedule, overrides=overrides, train_per_class=train_per_class,
+                     schedule=schedule, weight_decay=weight_decay, protocol=protocol, init_from=init_from,
+                     hot_start_epochs=hot_start_epochs, overrides=overrides, train_per_class=train_per_class,
                      eval_per_class=eval_per_class, attacks=tuple(a.strip() for a in attack.split(",") if a.strip()),
                      eval_eps=parse_number(eval_eps), eval_last=eval_last, data_dir=data_dir, device=device, amp=amp)
              for m in names for s in _parse_seeds(seeds)]

@@ -96,8 +96,9 @@ class Trainer:
         channels_last = spec.channels_last if spec.channels_last is not None else device.type == "cuda"
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum,
-                                    nesterov=spec.nesterov, weight_decay=spec.weight_decay)
+        optim = resolved.optim
+        optimizer = torch.optim.SGD(model.parameters(), lr=optim["lr"], momentum=optim["momentum"],
+                                    nesterov=optim["nesterov"], weight_decay=optim["weight_decay"])
         ctx = RunContext(
             num_classes=dataset.num_classes, device=device, epochs=resolved.epochs, dataset=dataset.name,
             class_names=dataset.class_names, dafa_lambda=_dafa_lambda(dataset.name), num_train=len(train_split),
@@ -149,7 +150,7 @@ class Trainer:
             self.ctx.generator.manual_seed(mix_seed(spec.seed, epoch, 1))
             self.ctx.epoch = epoch
             for group in self.optimizer.param_groups:
-                group["lr"] = spec.lr * lr_factor(spec.schedule, epoch, resolved.epochs)
+                group["lr"] = resolved.optim["lr"] * lr_factor(resolved.optim["schedule"], epoch, resolved.epochs)
             self.method.on_epoch_start(epoch, self.ctx)
             self.model.train()
             loss_sum = torch.zeros((), device=self.device)

@@ -124,6 +124,12 @@ class FairAT:
     needs: ClassVar[frozenset[str]] = frozenset()
     """Engine services to allocate: "sample_memory"."""
     validation: ClassVar[ValidationSpec | None] = None
+    official_protocol: ClassVar[dict[str, Any]] = {}
+    """The official code's optimisation (epochs, lr, schedule, weight_decay, nesterov, momentum, batch_size, arch),
+    used with ``--protocol official``; by default every method runs under the common TRADES protocol."""
+    hot_start: ClassVar[str | None] = None
+    """A method whose finished run (same dataset, arch, seed) provides the start weights (FRL fine-tunes a
+    TRADES model); its `official_protocol` then describes the fine-tuning stage and always applies."""
 
     def __init__(self, config: Any | None = None):
         self.config = config if config is not None else self.Config()

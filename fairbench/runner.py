@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import platform
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from fairbench.data.loader import DeviceSplit, stratified_subset
 from fairbench.engine import Reporter, SilentReporter, Trainer, select_device
 from fairbench.errors import FairbenchError
 from fairbench.evaluate import evaluate_split, per_class_counts
+from fairbench.registry import get_method_class
 from fairbench.results import CLASSWISE_COLUMNS, is_finished, run_dir, write_json, write_parquet
 from fairbench.spec import ResolvedRun, RunSpec, provenance, resolve
 
@@ -33,6 +35,7 @@ class RunOutcome:
 def run_one(spec: RunSpec, out: Path, resume: bool = False, reporter: Reporter | None = None,
             keep_last: int = 5, after_batch=None) -> RunOutcome:
     reporter = reporter or SilentReporter()
+    spec = with_hot_start(spec, out, resume, reporter, keep_last)
     resolved = resolve(spec)
     folder = run_dir(out, resolved.run_id)
     if is_finished(folder):
@@ -48,6 +51,8 @@ def run_one(spec: RunSpec, out: Path, resume: bool = False, reporter: Reporter |
             f"{folder} already holds checkpoints up to epoch {max(existing)}; pass --resume to continue that "
             f"run, or choose another --out. Nothing was overwritten.")
     start_epoch = trainer.resume_epoch(ckpt_dir) if resume else 0
+    if start_epoch == 0 and spec.init_from:
+        load_start_weights(trainer, Path(spec.init_from))
     if start_epoch:
         reporter.message(f"{resolved.run_id}: resuming after epoch {start_epoch}")
     t0 = time.perf_counter()
@@ -65,6 +70,37 @@ def run_one(spec: RunSpec, out: Path, resume: bool = False, reporter: Reporter |
     write_parquet(folder / "classwise.parquet", classwise, metadata)
     reporter.message(f"{resolved.run_id}: wrote {folder / 'classwise.parquet'}")
     return RunOutcome(resolved.run_id, folder, "done")
+
+
+def with_hot_start(spec: RunSpec, out: Path, resume: bool, reporter: Reporter, keep_last: int) -> RunSpec:
+    """For a method with `hot_start`, train (or find) that method's run on the same data, arch and seed under
+    the common protocol, and start from its final checkpoint."""
+    cls = get_method_class(spec.method)
+    if not cls.hot_start or spec.init_from:
+        return spec
+    base = dataclasses.replace(spec, method=cls.hot_start, overrides={}, protocol="common", init_from=None,
+                               epochs=spec.hot_start_epochs, lr=None, momentum=None, nesterov=None,
+                               weight_decay=None, schedule=None, hot_start_epochs=None)
+    reporter.message(f"{spec.method} starts from a {cls.hot_start} run (hot start)")
+    outcome = run_one(base, out, resume=resume, reporter=reporter, keep_last=keep_last)
+    final = max(list_checkpoints(outcome.folder / "checkpoints").items())[1]
+    return dataclasses.replace(spec, init_from=str(final))
+
+
+def load_start_weights(trainer: Trainer, path: Path) -> None:
+    """Model weights from a fairbench checkpoint (file or run folder) or a plain state_dict file."""
+    if path.is_dir():
+        found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
+        if not found:
+            raise FairbenchError(f"--init-from {path}: no checkpoints in that folder")
+        path = max(found.items())[1]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        trainer.model.load_state_dict(state.get("model", state))
+    except FileNotFoundError as err:
+        raise FairbenchError(f"--init-from {path}: file not found") from err
+    except Exception as err:
+        raise FairbenchError(f"--init-from {path}: cannot load model weights for {trainer.resolved.arch} ({err})") from err
 
 
 def test_split(resolved: ResolvedRun, dataset, device: torch.device) -> DeviceSplit:

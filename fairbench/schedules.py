@@ -37,8 +37,13 @@ def cosine(epoch: int, epochs: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (epoch - 1) / epochs))
 
 
+def constant(epoch: int, epochs: int) -> float:
+    """FRL's fine-tuning stage (its MultiStep milestones 40/80 lie beyond its 40 epochs)."""
+    return 1.0
+
+
 SCHEDULES: dict[str, Callable[[int, int], float]] = {
-    "bag_of_tricks": bag_of_tricks, "trades": trades, "madry": madry, "cosine": cosine,
+    "bag_of_tricks": bag_of_tricks, "trades": trades, "madry": madry, "cosine": cosine, "constant": constant,
 }
 
 

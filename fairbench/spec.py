@@ -30,11 +30,18 @@ class RunSpec:
     """None: the dataset's default (resnet18 for CIFAR/STL/Tiny-ImageNet, smallcnn for digits)."""
     epochs: int | None = None
     batch_size: int | None = None
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "bag_of_tricks"
+    lr: float | None = None
+    momentum: float | None = None
+    nesterov: bool | None = None
+    weight_decay: float | None = None
+    schedule: str | None = None
+    """None: from the protocol (common: SGD 0.1, momentum 0.9, Nesterov, wd 5e-4, bag_of_tricks)."""
+    protocol: str = "common"
+    """'common' (the TRADES protocol of DAFA/TRIX, for every method) or 'official' (the method's own code)."""
+    init_from: str | None = None
+    """Start from the model weights of this checkpoint file or run folder (e.g. FRL's hot start)."""
+    hot_start_epochs: int | None = None
+    """Epochs of the hot-start run a method asks for (None: the dataset's default)."""
     overrides: dict[str, str] = field(default_factory=dict)
     """Method hyperparameters (``--set key=value`` or ``--set method.key=value``)."""
     train_per_class: int | None = None
@@ -54,6 +61,12 @@ class RunSpec:
     """None = on for CUDA."""
 
 
+COMMON_PROTOCOL: dict[str, Any] = {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
+                                   "schedule": "bag_of_tricks"}
+"""The optimisation every method runs under by default (DAFA/TRIX TRADES protocol)."""
+PROTOCOL_KEYS = ("arch", "epochs", "batch_size", *COMMON_PROTOCOL)
+
+
 @dataclass(frozen=True)
 class ResolvedRun:
     spec: RunSpec
@@ -62,13 +75,14 @@ class ResolvedRun:
     batch_size: int
     method_config: Any
     method_cls: type[FairAT]
+    optim: dict[str, Any] = field(default_factory=lambda: dict(COMMON_PROTOCOL))
+    """lr, momentum, nesterov, weight_decay, schedule: resolved from the protocol and explicit options."""
 
     @property
     def protocol(self) -> dict[str, Any]:
         s = self.spec
         return {"dataset": s.dataset, "arch": self.arch, "epochs": self.epochs, "batch_size": self.batch_size,
-                "lr": s.lr, "momentum": s.momentum, "nesterov": s.nesterov, "weight_decay": s.weight_decay,
-                "schedule": s.schedule, "train_per_class": s.train_per_class}
+                **self.optim, "train_per_class": s.train_per_class, "init_from": _init_key(s.init_from)}
 
     @property
     def protocol_id(self) -> str:
@@ -77,7 +91,8 @@ class ResolvedRun:
     def as_dict(self) -> dict[str, Any]:
         spec = dataclasses.asdict(self.spec)
         spec.pop("data_dir"), spec.pop("device"), spec.pop("overrides")
-        return {**spec, "arch": self.arch, "epochs": self.epochs, "batch_size": self.batch_size,
+        spec["init_from"] = _init_key(self.spec.init_from)
+        return {**spec, "arch": self.arch, "epochs": self.epochs, "batch_size": self.batch_size, **self.optim,
                 "method_config": dataclasses.asdict(self.method_config)}
 
     @property
@@ -87,6 +102,16 @@ class ResolvedRun:
     @property
     def run_id(self) -> str:
         return f"{self.spec.method}_{self.spec.dataset}_{self.arch}_s{self.spec.seed}_{self.config_hash}"
+
+
+def _init_key(init_from: str | None) -> str | None:
+    """Identify a start checkpoint by its run folder and file name, not the absolute path."""
+    if not init_from:
+        return None
+    from pathlib import Path
+
+    p = Path(init_from)
+    return f"{p.parent.parent.name}/{p.name}" if p.suffix == ".pt" else p.name
 
 
 def _digest(obj: Any) -> str:
@@ -123,24 +148,29 @@ def check_overrides(overrides: dict[str, str], methods: list[str]) -> None:
 def resolve(spec: RunSpec) -> ResolvedRun:
     info = get_dataset_info(spec.dataset)
     cls = get_method_class(spec.method)
-    arch = spec.arch or info.defaults.arch
+    if spec.protocol not in ("common", "official"):
+        raise UnknownNameError("protocol", spec.protocol, ["common", "official"])
+    chosen = {"arch": info.defaults.arch, "epochs": info.defaults.epochs, "batch_size": info.defaults.batch_size,
+              **COMMON_PROTOCOL}
+    if spec.protocol == "official" or cls.hot_start:
+        chosen.update(cls.official_protocol)
+    chosen.update({k: getattr(spec, k) for k in PROTOCOL_KEYS if getattr(spec, k) is not None})
+    arch, epochs, batch = chosen.pop("arch"), chosen.pop("epochs"), chosen.pop("batch_size")
     if arch not in MODELS:
         raise UnknownNameError("arch", arch, list(MODELS))
-    if spec.schedule not in SCHEDULES:
-        raise UnknownNameError("schedule", spec.schedule, list(SCHEDULES))
+    if chosen["schedule"] not in SCHEDULES:
+        raise UnknownNameError("schedule", chosen["schedule"], list(SCHEDULES))
     for attack in spec.attacks:
         from fairbench.attacks.registry import create_attack
 
         if attack != "clean":
             create_attack(attack, spec.eval_eps)
-    epochs = spec.epochs or info.defaults.epochs
-    batch = spec.batch_size or info.defaults.batch_size
     if epochs < 1 or batch < 1:
         raise FairbenchError(f"epochs and batch size must be positive (got {epochs}, {batch})")
     scale_defaults = method_overrides(dict(info.defaults.method_overrides), spec.method, cls.Config)
     config = apply_overrides(cls.Config(), scale_defaults, spec.method)
     config = apply_overrides(config, method_overrides(spec.overrides, spec.method, cls.Config), spec.method)
-    return ResolvedRun(spec, arch, epochs, batch, config, cls)
+    return ResolvedRun(spec, arch, epochs, batch, config, cls, chosen)
 
 
 def provenance(resolved: ResolvedRun) -> dict[str, str]:

@@ -40,6 +40,8 @@ class Dafa(Trades):
     description = "DAFA: class weights from adversarial class similarity scale CE and radius"
     Config = DafaConfig
     needs = frozenset({"sample_memory"})
+    official_protocol = {"arch": "resnet18", "epochs": 110, "lr": 0.1, "momentum": 0.9, "nesterov": True,
+                         "weight_decay": 5e-4, "schedule": "bag_of_tricks"}
 
     def setup(self, ctx: RunContext) -> None:
         self.lam = self.config.lam if self.config.lam is not None else ctx.dafa_lambda

@@ -36,6 +36,8 @@ class TradesConfig:
 class Trades(FairAT):
     description = "TRADES baseline: CE + beta*KL(clean||adv), untargeted KL-PGD adversary"
     Config = TradesConfig
+    official_protocol = {"arch": "wrn34_10", "epochs": 76, "lr": 0.1, "momentum": 0.9, "nesterov": False,
+                         "weight_decay": 2e-4, "schedule": "trades"}
 
     def sample_scale(self, y: Tensor) -> Tensor | None:
         """Per-sample class weight scaling CE, radius and step; None = 1 for every sample."""

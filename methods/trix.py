@@ -30,6 +30,8 @@ class TrixConfig(DafaConfig):
 class Trix(Dafa):
     description = "TRIX: per-batch targeted (strong classes) / untargeted (weak) TRADES + DAFA weights"
     Config = TrixConfig
+    official_protocol = {"arch": "resnet18", "epochs": 150, "lr": 0.1, "momentum": 0.9, "nesterov": True,
+                         "weight_decay": 5e-4, "schedule": "bag_of_tricks"}
 
     def adversary_targets(self, logits_clean: Tensor, y: Tensor, ctx: RunContext) -> tuple[Tensor, Tensor]:
         probs = F.softmax(logits_clean, dim=1)

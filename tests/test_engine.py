@@ -120,3 +120,35 @@ def test_finished_run_is_skipped(tmp_path):
     spec = tiny_spec("trades", epochs=1, eval_last=1, train_per_class=10)
     assert run_one(spec, tmp_path).status == "done"
     assert run_one(spec, tmp_path).status == "skipped"
+
+
+def test_protocols_resolve_common_official_and_explicit_values():
+    common = resolve(RunSpec(method="trades", dataset="cifar10"))
+    assert (common.arch, common.epochs, common.optim["schedule"], common.optim["nesterov"]) == \
+        ("resnet18", 150, "bag_of_tricks", True)
+    official = resolve(RunSpec(method="trades", dataset="cifar10", protocol="official"))
+    assert (official.arch, official.epochs, official.optim["weight_decay"], official.optim["nesterov"]) == \
+        ("wrn34_10", 76, 2e-4, False)
+    explicit = resolve(RunSpec(method="trades", dataset="cifar10", protocol="official", epochs=3, lr=0.05))
+    assert explicit.epochs == 3 and explicit.optim["lr"] == 0.05 and explicit.arch == "wrn34_10"
+    assert len({common.protocol_id, official.protocol_id, explicit.protocol_id}) == 3
+    assert common.run_id != official.run_id
+
+
+def test_init_from_starts_from_another_runs_weights(tmp_path):
+    base = tiny_spec("trades", epochs=2, eval_last=1)
+    run_one(base, tmp_path)
+    folder = run_dir(tmp_path, resolve(base).run_id)
+
+    from fairbench.data import load_dataset
+    from fairbench.engine import Trainer
+    from fairbench.runner import load_start_weights
+
+    spec = tiny_spec("dafa", init_from=str(folder))
+    trainer = Trainer.build(resolve(spec), load_dataset("digits"), torch.device("cpu"))
+    load_start_weights(trainer, folder)
+    final = final_state(tmp_path, base)["model"]
+    assert all(torch.equal(v, final[k]) for k, v in trainer.model.state_dict().items())
+    with pytest.raises(FairbenchError, match="init-from"):
+        load_start_weights(trainer, tmp_path / "missing.pt")
+    assert resolve(spec).run_id != resolve(tiny_spec("dafa")).run_id  # the start point is part of the config

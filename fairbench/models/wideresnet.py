@@ -88,3 +88,8 @@ def wrn(depth: int, widen: int, num_classes: int, image_shape: tuple[int, int, i
 @register_model("wrn28_10", "WideResNet-28-10 (TRADES/FAT/DAFA), dropout 0, global average pool")
 def wrn28_10(num_classes: int, image_shape: tuple[int, int, int]) -> nn.Module:
     return wrn(28, 10, num_classes, image_shape)
+
+
+@register_model("wrn34_10", "WideResNet-34-10 (the official TRADES code's model), dropout 0")
+def wrn34_10(num_classes: int, image_shape: tuple[int, int, int]) -> nn.Module:
+    return wrn(34, 10, num_classes, image_shape)

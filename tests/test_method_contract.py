@@ -6,12 +6,14 @@ import copy
 import pytest
 import torch
 
+from fairbench.data.loader import DeviceSplit
 from fairbench.method import Batch, FairAT
 from fairbench.registry import get_method_class, list_methods
 from tests.conftest import make_context
 
 
-def _setup(name: str, ctx_epochs: int = 4):
+def _setup(name: str, model, digits, ctx_epochs: int = 4):
+    """The engine's order: build, context (with the services the method declares), setup."""
     cls = get_method_class(name)
     config = cls.Config()
     if hasattr(config, "warmup"):
@@ -24,6 +26,9 @@ def _setup(name: str, ctx_epochs: int = 4):
         config = dataclasses.replace(config, steps=2)
     method = cls(config)
     ctx = make_context(epochs=ctx_epochs, memory="sample_memory" in cls.needs)
+    ctx.model = model
+    if cls.validation is not None:
+        ctx.val_split = DeviceSplit.from_arrays(digits.train, torch.device("cpu")).subset(torch.arange(1000, 1060))
     method.setup(ctx)
     return method, ctx
 
@@ -37,15 +42,17 @@ def _step(method: FairAT, model, batch: Batch, ctx, opt) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", list_methods())
-def test_method_contract(name, tiny_model, digits_batch):
+def test_method_contract(name, tiny_model, digits_batch, digits):
     cls = get_method_class(name)
     assert issubclass(cls, FairAT) and cls.name == name and cls.description
-    method, ctx = _setup(name)
-    x, y, idx = digits_batch
     model = tiny_model.train()
+    method, ctx = _setup(name, model, digits)
+    x, y, idx = digits_batch
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
     # epoch 1 (the warm-up epoch for DAFA-style methods): a real step, finite loss, training mode kept
+    method.on_epoch_start(1, ctx)
+    model.train()
     loss = _step(method, model, Batch(x, y, idx), ctx, opt)
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert model.training
@@ -55,16 +62,18 @@ def test_method_contract(name, tiny_model, digits_batch):
     saved = {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict()),
              "method": copy.deepcopy(method.state_dict())}
     ctx.epoch = 2
+    model.train()
     ctx.generator.manual_seed(123)
     loss_a = _step(method, model, Batch(x, y, idx), ctx, opt)
     weights_a = [p.detach().clone() for p in model.parameters()]
 
-    fresh, ctx_b = _setup(name)
+    fresh, ctx_b = _setup(name, model, digits)
     ctx_b.epoch = 2
     fresh.load_state_dict(saved["method"])
     assert _same_state(fresh.state_dict(), saved["method"])
     model.load_state_dict(saved["model"])
     opt.load_state_dict(saved["opt"])
+    model.train()
     ctx_b.generator.manual_seed(123)
     loss_b = _step(fresh, model, Batch(x, y, idx), ctx_b, opt)
     assert torch.equal(loss_a, loss_b)

@@ -65,4 +65,5 @@ def create_attack(name: str, eps: float) -> EvalAttack:
 
 
 def _load() -> None:
+    import fairbench.attacks.apgd  # noqa: F401
     import fairbench.attacks.pgd  # noqa: F401  (registers the PGD family)

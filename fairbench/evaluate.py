@@ -48,7 +48,8 @@ def _verdict(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _records(suite: str, component: str, order: int, ids: Tensor, y: Tensor, attempted: Tensor,
-             success: Tensor, success_any: Tensor, pred: Tensor, margin: Tensor, linf: Tensor) -> dict[str, np.ndarray]:
+             success: Tensor, success_any: Tensor, pred: Tensor, margin: Tensor, linf: Tensor,
+             queries: Tensor | None = None) -> dict[str, np.ndarray]:
     n = len(ids)
     return {
         "suite": np.full(n, suite, dtype=object), "component": np.full(n, component, dtype=object),
@@ -57,23 +58,27 @@ def _records(suite: str, component: str, order: int, ids: Tensor, y: Tensor, att
         "success": success.cpu().numpy(), "success_any": success_any.cpu().numpy(),
         "pred": pred.cpu().numpy().astype(np.int16), "margin": margin.cpu().numpy().astype(np.float32),
         "linf": linf.cpu().numpy().astype(np.float32),
+        "queries": (np.full(n, -1, dtype=np.int32) if queries is None else queries.cpu().numpy().astype(np.int32)),
     }
 
 
 def _attack_batch(model: nn.Module, suite: str, attack: EvalAttack, x: Tensor, y: Tensor, ids: Tensor,
                   clean_correct: Tensor, seed: int) -> list[dict[str, np.ndarray]]:
+    """Run a suite's components in cascade order. `robust` is updated in place after each component's
+    fp32 verification, so the next component attacks only the samples still standing."""
     out = []
     robust = clean_correct.clone()
-    for order, comp in enumerate(attack.run(model, x, y, ids, seed, robust.clone()), start=1):
-        x_adv = project(comp.x_adv, x, attack.eps)  # canonicalise (a no-op for PGD)
-        if not torch.equal(project(x_adv, x, attack.eps), x_adv):
-            raise InfeasibleAdversarialError(f"{suite}/{comp.component} returned a point outside the feasible set")
+    for order, comp in enumerate(attack.run(model, x, y, ids, seed, robust), start=1):
         attempted = robust.clone()
+        x_adv = project(comp.x_adv, x, attack.eps)  # canonicalise (a no-op for PGD, APGD, Square)
+        if not torch.equal(project(x_adv, x, attack.eps), x_adv) or not torch.isfinite(x_adv).all():
+            raise InfeasibleAdversarialError(f"{suite}/{comp.component} returned a point outside the feasible set")
         pred, margin = _verdict(model, x_adv, y)
         success = attempted & (pred != y)
         any_ = success if comp.success_any is None else attempted & (comp.success_any | success)
         linf = (x_adv.double() - x.double()).abs().flatten(1).amax(1)
-        out.append(_records(suite, comp.component, order, ids, y, attempted, success, any_, pred, margin, linf))
+        out.append(_records(suite, comp.component, order, ids, y, attempted, success, any_, pred, margin, linf,
+                            comp.queries))
         robust &= ~success
     return out
 

@@ -1,0 +1,53 @@
+"""AutoAttack (Croce & Hein, ICML 2020), L-infinity, written in fairbench: the cascade of evaluation.md 7.
+
+Each component attacks the clean inputs of the samples still robust after the previous ones (the
+evaluator verifies every success in fp32 and updates the mask in place between components), so a sample
+is robust only if no component broke it. Versions: `standard` (APGD-CE, APGD-T, FAB-T, Square) and `rand`
+(APGD-CE, APGD-DLR with EoT 20, for randomised models).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from fairbench.attacks.apgd import APGD
+from fairbench.attacks.registry import ComponentOutput, EvalAttack, register_attack
+from fairbench.attacks.square import Square
+
+
+@dataclass
+class AutoAttack(EvalAttack):
+    eps: float
+    version: Literal["standard", "rand"] = "standard"
+
+    def components(self) -> list[EvalAttack]:
+        if self.version == "rand":
+            return [APGD(self.eps, "ce", eot=20, component="apgd-ce"),
+                    APGD(self.eps, "dlr", eot=20, component="apgd-dlr")]
+        from fairbench.attacks.fab import FABT
+
+        return [APGD(self.eps, "ce", component="apgd-ce"), APGD(self.eps, "dlr-targeted", component="apgd-t"),
+                FABT(self.eps), Square(self.eps)]
+
+    def settings(self) -> dict:
+        return {"eps": self.eps, "version": self.version,
+                "components": {type(c).__name__ + ":" + getattr(c, "component", ""): c.settings()
+                               for c in self.components()}}
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor, seed: int,
+            active: Tensor) -> Iterator[ComponentOutput]:
+        for component in self.components():
+            if not bool(active.any()):
+                yield ComponentOutput(getattr(component, "component", type(component).__name__.lower()), x.clone())
+                continue
+            yield from component.run(model, x, y, sample_ids, seed, active)
+
+
+register_attack("aa", "AutoAttack standard: APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square 5000")(
+    lambda eps: AutoAttack(eps, "standard"))
+register_attack("aa-rand", "AutoAttack rand: APGD-CE and APGD-DLR with EoT 20 (randomised models only)")(
+    lambda eps: AutoAttack(eps, "rand"))

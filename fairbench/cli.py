@@ -112,6 +112,53 @@ def run(methods, dataset, seeds, arch, epochs, batch_size, lr, schedule, weight_
         err_console.print(f"done: {len(specs)} run(s) in {out}/runs; `fairbench table --results {out}` compares them")
 
 
+@cli.command(name="eval")
+@click.argument("targets", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--attack", default="pgd20,aa", show_default=True, help="Comma-separated suites (see `fairbench attacks`).")
+@click.option("--checkpoints", default="last5", show_default=True, help="last5 (lastN), final, all, or epochs 146,150.")
+@click.option("--n-examples", type=int, default=None,
+              help="Evaluate a class-stratified subset of about N test images (the first N/C of each class).")
+@click.option("--eps", "eval_eps", default=None, help="L-inf radius (default: the run's, 8/255).")
+@click.option("--data-dir", default=None)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--quiet", "-q", is_flag=True)
+def eval_cmd(targets, attack, checkpoints, n_examples, eval_eps, data_dir, device, quiet) -> None:
+    """Evaluate finished runs (RUN_DIR, a checkpoint file, or a results folder) and add the rows to their results.
+
+    A killed evaluation resumes where it stopped when started again.
+    """
+    from fairbench.data import get_dataset_info
+    from fairbench.evalrun import evaluate_run, load_run_spec
+    from fairbench.progress import RichReporter
+
+    attacks = [a.strip() for a in attack.split(",") if a.strip()]
+    from fairbench.attacks.registry import create_attack
+
+    for a in attacks:
+        if a != "clean":
+            create_attack(a, 8 / 255)
+    folders = []
+    for target in map(Path, targets):
+        runs = sorted(p.parent for p in target.glob("runs/*/run.json")) or sorted(p.parent for p in target.glob("*/run.json"))
+        folders.extend(runs or [target])
+    with RichReporter(err_console, quiet=quiet) as reporter:
+        for folder in folders:
+            per_class = None
+            if n_examples:
+                spec, _ = load_run_spec(folder if folder.suffix != ".pt" else folder.parent.parent)
+                per_class = max(1, n_examples // len_classes(get_dataset_info(spec.dataset), spec, data_dir))
+            evaluate_run(folder, attacks, checkpoints, per_class, parse_number(eval_eps) if eval_eps else None,
+                         data_dir, device, reporter)
+    if not quiet:
+        err_console.print(f"done: {len(folders)} run(s); `fairbench table` shows the new columns")
+
+
+def len_classes(info, spec, data_dir) -> int:
+    from fairbench.data import load_dataset
+
+    return load_dataset(spec.dataset, data_dir or spec.data_dir).num_classes
+
+
 @cli.command()
 @click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["rich", "md", "latex", "csv"]), default="rich", show_default=True)

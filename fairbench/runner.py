@@ -1,9 +1,10 @@
 """One run end to end: resolve, train (or resume), evaluate the last k checkpoints, write results."""
 from __future__ import annotations
 
-import platform
-import time
 import dataclasses
+import platform
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,14 +14,13 @@ import torch
 
 from fairbench import __version__
 from fairbench.attacks.registry import create_attack
-from fairbench.checkpoint import list_checkpoints, load_checkpoint
+from fairbench.checkpoint import list_checkpoints
 from fairbench.data import load_dataset
-from fairbench.data.loader import DeviceSplit, stratified_subset
 from fairbench.engine import Reporter, SilentReporter, Trainer, select_device
 from fairbench.errors import FairbenchError
-from fairbench.evaluate import evaluate_split, per_class_counts
+from fairbench.evalrun import PARTIAL, classwise_table, eval_split, evaluate_epochs, suite_eps
 from fairbench.registry import get_method_class
-from fairbench.results import CLASSWISE_COLUMNS, is_finished, run_dir, write_json, write_parquet
+from fairbench.results import is_finished, run_dir, write_json, write_parquet
 from fairbench.spec import ResolvedRun, RunSpec, provenance, resolve
 
 
@@ -62,12 +62,13 @@ def run_one(spec: RunSpec, out: Path, resume: bool = False, reporter: Reporter |
                             after_batch=after_batch)
     train_wall = time.perf_counter() - t0
     t1 = time.perf_counter()
-    classwise, samples, evaluated = evaluate_checkpoints(trainer, resolved, dataset, ckpt_dir)
+    classwise, samples, evaluated = evaluate_checkpoints(trainer, resolved, dataset, folder, reporter)
     eval_wall = time.perf_counter() - t1
     metadata = run_metadata(resolved, trainer, device, stats, train_wall, eval_wall, evaluated)
     write_parquet(folder / "samples.parquet", samples)
     write_json(folder / "run.json", metadata)
     write_parquet(folder / "classwise.parquet", classwise, metadata)
+    shutil.rmtree(folder / PARTIAL, ignore_errors=True)
     reporter.message(f"{resolved.run_id}: wrote {folder / 'classwise.parquet'}")
     return RunOutcome(resolved.run_id, folder, "done")
 
@@ -103,40 +104,19 @@ def load_start_weights(trainer: Trainer, path: Path) -> None:
         raise FairbenchError(f"--init-from {path}: cannot load model weights for {trainer.resolved.arch} ({err})") from err
 
 
-def test_split(resolved: ResolvedRun, dataset, device: torch.device) -> DeviceSplit:
-    per_class = resolved.spec.eval_per_class
-    index = stratified_subset(dataset.test.labels, dataset.num_classes, per_class) if per_class else None
-    full = DeviceSplit.from_arrays(dataset.test, device)
-    return full if index is None else full.subset(torch.as_tensor(index, device=device))
-
-
-def evaluate_checkpoints(trainer: Trainer, resolved: ResolvedRun, dataset, ckpt_dir: Path
-                         ) -> tuple[pd.DataFrame, pd.DataFrame, list[int]]:
-    """Clean + every attack suite on each of the last `eval_last` checkpoints."""
+def evaluate_checkpoints(trainer: Trainer, resolved: ResolvedRun, dataset, folder: Path,
+                         reporter: Reporter) -> tuple[pd.DataFrame, pd.DataFrame, list[int]]:
+    """Clean + every attack suite on each of the last `eval_last` checkpoints (resumable per chunk)."""
     spec = resolved.spec
-    found = list_checkpoints(ckpt_dir)
+    found = list_checkpoints(folder / "checkpoints")
     if not found or max(found) != resolved.epochs:
         raise FairbenchError(f"training of {resolved.run_id} did not finish (checkpoints: {sorted(found)})")
     epochs = sorted(found)[-spec.eval_last:]
-    split = test_split(resolved, dataset, trainer.device)
-    eps_of = {"clean": 0.0, **{a: create_attack(a, spec.eval_eps).eps for a in spec.attacks if a != "clean"}}
-    source = provenance(resolved)
-    class_frames, sample_frames = [], []
-    for epoch in epochs:
-        trainer.restore(load_checkpoint(found[epoch], resolved.run_id, resolved.config_hash))
-        model = trainer.method.eval_model(trainer.model)
-        samples = evaluate_split(model, split, list(spec.attacks), spec.eval_eps, spec.eval_batch_size, seed=spec.seed)
-        samples.insert(0, "epoch", epoch)
-        sample_frames.append(samples)
-        counts = per_class_counts(samples, dataset.num_classes)
-        counts["epoch"] = epoch
-        class_frames.append(counts)
-    classwise = pd.concat(class_frames, ignore_index=True)
-    classwise = classwise.assign(
-        run_id=resolved.run_id, method=spec.method, dataset=spec.dataset, arch=resolved.arch,
-        protocol=resolved.protocol_id, seed=spec.seed, eps=classwise["attack"].map(eps_of).astype(float),
-        class_name=np.asarray(dataset.class_names, dtype=object)[classwise["class_id"].to_numpy()], **source)
-    return classwise[CLASSWISE_COLUMNS], pd.concat(sample_frames, ignore_index=True), epochs
+    split = eval_split(resolved, dataset, trainer.device, spec.eval_per_class)
+    attacks = [a for a in spec.attacks if a != "clean"]
+    samples = evaluate_epochs(trainer, epochs, attacks, spec.eval_eps, split, folder, reporter)
+    classwise = classwise_table(samples, resolved, dataset.class_names, suite_eps(attacks, spec.eval_eps))
+    return classwise, samples, epochs
 
 
 def run_metadata(resolved: ResolvedRun, trainer: Trainer, device: torch.device, stats: dict,
@@ -144,6 +124,7 @@ def run_metadata(resolved: ResolvedRun, trainer: Trainer, device: torch.device, 
     spec = resolved.spec
     return {
         "run_id": resolved.run_id, "config_hash": resolved.config_hash, "protocol_id": resolved.protocol_id,
+        "spec": {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("data_dir", "device")},
         "protocol": resolved.protocol, "config": resolved.as_dict(), **provenance(resolved),
         "method_state": {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in trainer.method.state_dict().items()},
         "attacks": {a: create_attack(a, spec.eval_eps).settings() for a in spec.attacks if a != "clean"},

@@ -1,0 +1,173 @@
+"""Evaluating a run's checkpoints: resumable at chunk granularity, and extendable with new attacks later.
+
+Chunk records are written under ``<run>/partial_eval/`` as they finish; a killed evaluation skips the
+finished chunks when it is started again (per-sample random streams make the result identical).
+`fairbench eval` adds suites (e.g. AutoAttack) to finished runs without retraining.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from fairbench.attacks.registry import create_attack
+from fairbench.checkpoint import list_checkpoints, load_checkpoint
+from fairbench.data import load_dataset
+from fairbench.data.loader import DeviceSplit, stratified_subset
+from fairbench.engine import Reporter, SilentReporter, Trainer, select_device
+from fairbench.errors import FairbenchError
+from fairbench.evaluate import evaluate_split, per_class_counts
+from fairbench.results import CLASSWISE_COLUMNS, read_metadata, write_json, write_parquet
+from fairbench.spec import ResolvedRun, RunSpec, provenance, resolve
+
+PARTIAL = "partial_eval"
+
+
+def evaluate_resumable(model: nn.Module, split: DeviceSplit, attacks: list[str], eps: float, batch_size: int,
+                       seed: int, partial_dir: Path) -> pd.DataFrame:
+    """`evaluate_split` chunk by chunk, each chunk's records saved as soon as it is done."""
+    frames = []
+    for start in range(0, len(split), batch_size):
+        first = int(split.index[start])
+        path = partial_dir / f"chunk_{first:08d}_{len(split)}.parquet"
+        if path.is_file():
+            frames.append(pd.read_parquet(path))
+            continue
+        chunk = split.subset(torch.arange(start, min(start + batch_size, len(split)), device=split.labels.device))
+        frame = evaluate_split(model, chunk, attacks, eps, batch_size, seed)
+        write_parquet(path, frame)
+        frames.append(frame)
+    samples = pd.concat(frames, ignore_index=True)
+    rank = samples["suite"].map({name: i for i, name in enumerate(["clean", *attacks])})
+    order = np.lexsort((samples["sample_idx"].to_numpy(), samples["order"].to_numpy(), rank.to_numpy()))
+    return samples.iloc[order].reset_index(drop=True)
+
+
+def eval_split(resolved: ResolvedRun, dataset, device: torch.device, per_class: int | None) -> DeviceSplit:
+    index = stratified_subset(dataset.test.labels, dataset.num_classes, per_class) if per_class else None
+    full = DeviceSplit.from_arrays(dataset.test, device)
+    return full if index is None else full.subset(torch.as_tensor(index, device=device))
+
+
+def evaluate_epochs(trainer: Trainer, epochs: list[int], attacks: list[str], eps: float, split: DeviceSplit,
+                    folder: Path, reporter: Reporter) -> pd.DataFrame:
+    """Per-sample records (with an `epoch` column) of `attacks` on each checkpoint epoch."""
+    resolved = trainer.resolved
+    found = list_checkpoints(folder / "checkpoints")
+    frames = []
+    for epoch in epochs:
+        t0 = time.perf_counter()
+        trainer.restore(load_checkpoint(found[epoch], resolved.run_id, resolved.config_hash))
+        model = trainer.method.eval_model(trainer.model)
+        part = folder / PARTIAL / f"epoch_{epoch:04d}_{'+'.join(attacks)}_{eps:.8f}"
+        samples = evaluate_resumable(model, split, attacks, eps, resolved.spec.eval_batch_size,
+                                     resolved.spec.seed, part)
+        samples.insert(0, "epoch", epoch)
+        frames.append(samples)
+        reporter.message(f"  evaluated epoch {epoch} ({', '.join(['clean', *attacks])}) "
+                         f"in {time.perf_counter() - t0:.1f}s")
+    return pd.concat(frames, ignore_index=True)
+
+
+def classwise_table(samples: pd.DataFrame, resolved: ResolvedRun, class_names: tuple[str, ...],
+                    eps_of: dict[str, float]) -> pd.DataFrame:
+    """The long per-class table (one row per epoch x attack x class) from per-sample records."""
+    frames = []
+    for epoch, group in samples.groupby("epoch", sort=True):
+        counts = per_class_counts(group, len(class_names))
+        counts["epoch"] = epoch
+        frames.append(counts)
+    table = pd.concat(frames, ignore_index=True)
+    spec = resolved.spec
+    table = table.assign(
+        run_id=resolved.run_id, method=spec.method, dataset=spec.dataset, arch=resolved.arch,
+        protocol=resolved.protocol_id, seed=spec.seed, eps=table["attack"].map(eps_of).astype(float),
+        class_name=np.asarray(class_names, dtype=object)[table["class_id"].to_numpy()], **provenance(resolved))
+    return table[CLASSWISE_COLUMNS]
+
+
+def suite_eps(attacks: list[str], eps: float) -> dict[str, float]:
+    return {"clean": 0.0, **{a: create_attack(a, eps).eps for a in attacks if a != "clean"}}
+
+
+def select_epochs(available: list[int], which: str) -> list[int]:
+    """'last5' (any lastN), 'final', 'all', or a comma list of epochs."""
+    if which == "all":
+        return available
+    if which == "final":
+        return available[-1:]
+    if which.startswith("last") and which[4:].isdigit():
+        return available[-int(which[4:]):]
+    try:
+        wanted = [int(e) for e in which.split(",")]
+    except ValueError as err:
+        raise FairbenchError(f"--checkpoints expects last5, final, all or epochs like 146,150; got {which!r}") from err
+    missing = [e for e in wanted if e not in available]
+    if missing:
+        raise FairbenchError(f"no checkpoint for epoch(s) {missing}; available: {available}")
+    return wanted
+
+
+def load_run_spec(folder: Path) -> tuple[RunSpec, dict]:
+    path = folder / "run.json"
+    if not path.is_file():
+        raise FairbenchError(f"{folder} is not a finished fairbench run (no run.json); train it with `fairbench run`")
+    meta = json.loads(path.read_text())
+    if "spec" not in meta:
+        raise FairbenchError(f"{path} has no run spec (written by an older fairbench); re-run the training")
+    spec = dict(meta["spec"])
+    spec["attacks"] = tuple(spec["attacks"])
+    return RunSpec(**spec), meta
+
+
+def evaluate_run(folder: Path, attacks: list[str], checkpoints: str = "last5", per_class: int | None = None,
+                 eps: float | None = None, data_dir: str | None = None, device: str = "auto",
+                 reporter: Reporter | None = None) -> Path:
+    """Add the records of `attacks` on the chosen checkpoints of a finished run to its result files."""
+    reporter = reporter or SilentReporter()
+    folder = Path(folder)
+    if folder.suffix == ".pt":  # a checkpoint file: evaluate that epoch of its run
+        checkpoints, folder = str(int(folder.stem.split("_")[1])), folder.parent.parent
+    spec, meta = load_run_spec(folder)
+    spec = dataclasses.replace(spec, data_dir=data_dir or spec.data_dir, device=device)
+    resolved = resolve(spec)
+    if resolved.run_id != meta["run_id"]:
+        raise FairbenchError(f"{folder}: the stored configuration resolves to {resolved.run_id}, not "
+                             f"{meta['run_id']} (another fairbench version?); evaluate with the version that trained it")
+    dataset = load_dataset(spec.dataset, spec.data_dir)
+    trainer = Trainer.build(resolved, dataset, select_device(device))
+    epochs = select_epochs(sorted(list_checkpoints(folder / "checkpoints")), checkpoints)
+    eps = spec.eval_eps if eps is None else eps
+    split = eval_split(resolved, dataset, trainer.device, per_class)
+    reporter.message(f"{resolved.run_id}: {', '.join(attacks)} on epochs {epochs}, {len(split)} test samples")
+    t0 = time.perf_counter()
+    samples = evaluate_epochs(trainer, epochs, [a for a in attacks if a != "clean"], eps, split, folder, reporter)
+    classwise = classwise_table(samples, resolved, dataset.class_names, suite_eps(attacks, eps))
+    merge_results(folder, samples, classwise, meta, attacks, eps, time.perf_counter() - t0)
+    return folder
+
+
+def merge_results(folder: Path, samples: pd.DataFrame, classwise: pd.DataFrame, meta: dict, attacks: list[str],
+                  eps: float, seconds: float) -> None:
+    """Replace the rows of the re-evaluated (epoch, suite) pairs, keep everything else, write atomically."""
+    old_cw = pd.read_parquet(folder / "classwise.parquet")
+    old_samples = pd.read_parquet(folder / "samples.parquet")
+    done = set(zip(classwise["epoch"], classwise["attack"]))
+    keep_cw = old_cw[[(e, a) not in done for e, a in zip(old_cw["epoch"], old_cw["attack"])]]
+    keep_samples = old_samples[[(e, s) not in done for e, s in zip(old_samples["epoch"], old_samples["suite"])]]
+    meta = dict(meta)
+    meta.setdefault("attacks", {}).update(
+        {a: create_attack(a, eps).settings() for a in attacks if a != "clean"})
+    meta.setdefault("evaluations", []).append({"attacks": attacks, "eps": eps, "seconds": seconds,
+                                               "epochs": sorted(set(classwise["epoch"].tolist()))})
+    write_parquet(folder / "samples.parquet", pd.concat([keep_samples, samples], ignore_index=True))
+    write_json(folder / "run.json", meta)
+    write_parquet(folder / "classwise.parquet", pd.concat([keep_cw, classwise], ignore_index=True), meta)
+    shutil.rmtree(folder / PARTIAL, ignore_errors=True)

@@ -149,25 +149,35 @@ def evaluate_run(folder: Path, attacks: list[str], checkpoints: str = "last5", p
     reporter.message(f"{resolved.run_id}: {', '.join(attacks)} on epochs {epochs}, {len(split)} test samples")
     t0 = time.perf_counter()
     samples = evaluate_epochs(trainer, epochs, [a for a in attacks if a != "clean"], eps, split, folder, reporter)
-    classwise = classwise_table(samples, resolved, dataset.class_names, suite_eps(attacks, eps))
-    merge_results(folder, samples, classwise, meta, attacks, eps, time.perf_counter() - t0)
+    merge_results(folder, samples, resolved, dataset.class_names, meta, attacks, eps, time.perf_counter() - t0)
     return folder
 
 
-def merge_results(folder: Path, samples: pd.DataFrame, classwise: pd.DataFrame, meta: dict, attacks: list[str],
-                  eps: float, seconds: float) -> None:
-    """Replace the rows of the re-evaluated (epoch, suite) pairs, keep everything else, write atomically."""
+def merge_samples(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """New suites replace their (epoch, suite) rows; clean records are a union (they never change, and a
+    later evaluation may cover a different subset of the test set)."""
+    new_attacks = new[new.suite != "clean"]
+    replaced = set(zip(new_attacks["epoch"], new_attacks["suite"]))
+    keep = old[[(e, s) not in replaced for e, s in zip(old["epoch"], old["suite"])]]
+    old_clean = set(zip(keep.loc[keep.suite == "clean", "epoch"], keep.loc[keep.suite == "clean", "sample_idx"]))
+    new_clean = new[new.suite == "clean"]
+    new_clean = new_clean[[(e, i) not in old_clean for e, i in zip(new_clean["epoch"], new_clean["sample_idx"])]]
+    return pd.concat([keep, new_clean, new_attacks], ignore_index=True)
+
+
+def merge_results(folder: Path, samples: pd.DataFrame, resolved: ResolvedRun, class_names: tuple[str, ...],
+                  meta: dict, attacks: list[str], eps: float, seconds: float) -> None:
+    """Merge the new records into the run's files and recompute its per-class table, atomically."""
     old_cw = pd.read_parquet(folder / "classwise.parquet")
-    old_samples = pd.read_parquet(folder / "samples.parquet")
-    done = set(zip(classwise["epoch"], classwise["attack"]))
-    keep_cw = old_cw[[(e, a) not in done for e, a in zip(old_cw["epoch"], old_cw["attack"])]]
-    keep_samples = old_samples[[(e, s) not in done for e, s in zip(old_samples["epoch"], old_samples["suite"])]]
+    merged = merge_samples(pd.read_parquet(folder / "samples.parquet"), samples)
+    eps_of = {**dict(zip(old_cw["attack"], old_cw["eps"])), **suite_eps(attacks, eps)}
+    classwise = classwise_table(merged, resolved, class_names, eps_of)
     meta = dict(meta)
     meta.setdefault("attacks", {}).update(
         {a: create_attack(a, eps).settings() for a in attacks if a != "clean"})
     meta.setdefault("evaluations", []).append({"attacks": attacks, "eps": eps, "seconds": seconds,
-                                               "epochs": sorted(set(classwise["epoch"].tolist()))})
-    write_parquet(folder / "samples.parquet", pd.concat([keep_samples, samples], ignore_index=True))
+                                               "epochs": sorted(set(samples["epoch"].tolist()))})
+    write_parquet(folder / "samples.parquet", merged)
     write_json(folder / "run.json", meta)
-    write_parquet(folder / "classwise.parquet", pd.concat([keep_cw, classwise], ignore_index=True), meta)
+    write_parquet(folder / "classwise.parquet", classwise, meta)
     shutil.rmtree(folder / PARTIAL, ignore_errors=True)

@@ -119,6 +119,20 @@ def evaluate_checkpoints(trainer: Trainer, resolved: ResolvedRun, dataset, folde
     return classwise, samples, epochs
 
 
+def state_summary(state: dict) -> dict:
+    """The method's per-class state for the metadata (weights, radii, similarity); large or nested
+    entries (averaged model weights) are described by shape only."""
+    out = {}
+    for key, value in state.items():
+        if torch.is_tensor(value):
+            out[key] = value.tolist() if value.numel() <= 1024 else f"tensor{list(value.shape)}"
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            out[key] = value
+        else:
+            out[key] = f"<{type(value).__name__}>"
+    return out
+
+
 def run_metadata(resolved: ResolvedRun, trainer: Trainer, device: torch.device, stats: dict,
                  train_wall: float, eval_wall: float, evaluated: list[int]) -> dict:
     spec = resolved.spec
@@ -126,7 +140,7 @@ def run_metadata(resolved: ResolvedRun, trainer: Trainer, device: torch.device, 
         "run_id": resolved.run_id, "config_hash": resolved.config_hash, "protocol_id": resolved.protocol_id,
         "spec": {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("data_dir", "device")},
         "protocol": resolved.protocol, "config": resolved.as_dict(), **provenance(resolved),
-        "method_state": {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in trainer.method.state_dict().items()},
+        "method_state": state_summary(trainer.method.state_dict()),
         "attacks": {a: create_attack(a, spec.eval_eps).settings() for a in spec.attacks if a != "clean"},
         "evaluated_epochs": evaluated, "num_train": trainer.ctx.num_train,
         "num_params": sum(p.numel() for p in trainer.model.parameters()),

@@ -1,12 +1,13 @@
 """Training-time adversaries: TRADES-KL PGD generalised to per-sample radius, step and objective.
 
 TRADES, DAFA, TRIX (and the baselines built on TRADES) are a few lines each on top of `inner_attack`
-and `trades_loss`. Logits are cast to fp32 before every softmax so bf16 autocast is safe.
+and `trades_loss`; BAT's early-stopped searches are `early_stopped_search`. Logits are cast to fp32
+before every softmax so bf16 autocast is safe.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Literal
+from typing import Iterator, Literal, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -102,6 +103,78 @@ def inner_attack(
             x_adv = x_adv.detach() + alpha_b * direction
             x_adv = torch.min(torch.max(x_adv, lower), upper).clamp(0, 1)
     return x_adv.detach()
+
+
+class StoppedPoints(NamedTuple):
+    """BAT's two near-boundary points of one early-stopped trajectory (bat.md 2.1, 2.2)."""
+
+    last_clean: Tensor
+    """x^(max(k*-1, 0)) for the first misclassified check k*, else x^(K)."""
+    first_adv: Tensor
+    """The iterate at which the FAT counter stopped the sample, else x^(K)."""
+    last_clean_step: Tensor
+    """(B,) int64: the iterate index of `last_clean` (sign steps taken from the start)."""
+    first_adv_step: Tensor
+    """(B,) int64: the iterate index of `first_adv`."""
+
+
+def _rows(mask: Tensor, like: Tensor) -> Tensor:
+    """A (B,) bool mask shaped to broadcast over the image dimensions of `like`."""
+    return mask.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def early_stopped_search(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    logits_clean: Tensor,
+    *,
+    eps: float | Tensor,
+    alpha: float | Tensor,
+    steps: int,
+    generator: torch.Generator | None,
+    tau: int = 1,
+    init: Init = "normal",
+    start: Tensor | None = None,
+) -> StoppedPoints:
+    """TRADES-KL PGD with BAT's per-sample early stops, vectorised with active masks (bat.md 2).
+
+    The start is clamped to [0, 1] (unlike TRADES). Before each step k = 0..K-1 the current iterate is
+    checked (eval mode, argmax == y; x^(K) is never checked):
+    - last clean: the last iterate before the first misclassified check (the start if that is k = 0);
+    - first adversarial: FAT counter c = tau; a misclassified check with c = 0 stops the sample at the
+      current iterate, with c > 0 it decrements c (never reset) and the sample steps on.
+    A stopped sample keeps its point and takes no further steps; samples never stopped end at x^(K).
+    Both points come from one trajectory: the last-clean point precedes the first-adversarial stop, so the
+    trajectory up to it is that of a last-clean-only search (BAT runs two with independent starts). Every
+    step forwards the whole batch (an early exit would need a host sync); in eval mode samples do not
+    interact, so the masked steps equal the official code's shrinking batch. Any image size.
+    """
+    eps_b, alpha_b = per_sample(eps, x), per_sample(alpha, x)
+    lower, upper = x - eps_b, x + eps_b
+    x_k = (start if start is not None else start_point(x, eps_b, init, generator).clamp(0, 1)).detach()
+    last_clean, last_clean_step = x_k, torch.zeros_like(y)
+    clean_so_far = torch.ones_like(y, dtype=torch.bool)
+    moving, counter = torch.ones_like(y, dtype=torch.bool), torch.full_like(y, tau)
+    first_adv_step = torch.zeros_like(y)
+    with eval_mode(model):
+        for k in range(steps):
+            x_k.requires_grad_(True)
+            logits = model(x_k).float()
+            wrong = logits.argmax(1) != y
+            clean_so_far = clean_so_far & ~wrong
+            last_clean = torch.where(_rows(clean_so_far, x), x_k.detach(), last_clean)
+            last_clean_step = torch.where(clean_so_far, k, last_clean_step)
+            stop = moving & wrong & (counter == 0)
+            counter = counter - (moving & wrong & (counter > 0)).long()
+            moving = moving & ~stop
+            (grad,) = torch.autograd.grad(kl_per_sample(logits_clean, logits).sum(), x_k)
+            stepped = torch.min(torch.max(x_k.detach() + alpha_b * grad.sign(), lower), upper).clamp(0, 1)
+            x_k = torch.where(_rows(moving, x), stepped, x_k.detach())
+            first_adv_step = first_adv_step + moving.long()
+    last_clean = torch.where(_rows(clean_so_far, x), x_k, last_clean)  # never misclassified at a check: x^(K)
+    last_clean_step = torch.where(clean_so_far, steps, last_clean_step)
+    return StoppedPoints(last_clean.detach(), x_k.detach(), last_clean_step, first_adv_step)
 
 
 def trades_loss(

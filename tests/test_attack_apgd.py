@@ -65,12 +65,15 @@ def test_apgd_equals_torchattacks(loss):
     ref_correct, ref_adv = ref.perturb(x, y)
     active = model(x).argmax(1) == y
     torch.manual_seed(0)
-    ours = APGD(EPS, loss, steps=100, restarts=2, start_noise=reference_noise)
+    ours = APGD(EPS, loss, steps=100, restarts=2, start_noise=reference_noise, early_stop=False)
     adv = ours.perturb(model, x, y, torch.arange(len(y)), seed=0, active=active)
     our_correct = model(adv).argmax(1) == y
     assert torch.equal(our_correct, ref_correct)
     assert (~our_correct).sum() > 0 and our_correct.sum() > 0  # the test separates robust from broken
     assert torch.equal(adv, ref_adv)
+    torch.manual_seed(0)  # early stop: the same flags, other (earlier) adversarial points
+    fast = APGD(EPS, loss, steps=100, restarts=2, start_noise=reference_noise, early_stop=True)
+    assert torch.equal(model(fast.perturb(model, x, y, torch.arange(len(y)), 0, active)).argmax(1) == y, ref_correct)
 
 
 def test_apgd_targeted_equals_torchattacks():
@@ -80,7 +83,7 @@ def test_apgd_targeted_equals_torchattacks():
     ref_correct, ref_adv = ref.perturb(x, y)
     active = model(x).argmax(1) == y
     torch.manual_seed(0)
-    ours = APGD(4 / 255, "dlr-targeted", steps=100, n_targets=9, start_noise=reference_noise)
+    ours = APGD(4 / 255, "dlr-targeted", steps=100, n_targets=9, start_noise=reference_noise, early_stop=False)
     adv = ours.perturb(model, x, y, torch.arange(len(y)), seed=0, active=active)
     our_correct = model(adv).argmax(1) == y
     assert torch.equal(our_correct, ref_correct)

@@ -76,51 +76,71 @@ def _loss_and_grad(model: nn.Module, x_adv: Tensor, y: Tensor, kind: Loss, targe
 
 
 def apgd_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, kind: Loss, noise: Tensor,
-             target: Tensor | None = None, rho: float = 0.75, eot: int = 1) -> tuple[Tensor, Tensor]:
-    """One APGD run on a batch. Returns (still correct after the run, latest misclassified iterate or start)."""
+             target: Tensor | None = None, rho: float = 0.75, eot: int = 1,
+             early_stop: bool = False) -> tuple[Tensor, Tensor]:
+    """One APGD run on a batch. Returns (still correct after the run, a misclassified iterate or the start).
+
+    Without `early_stop` every sample runs all iterations and the *latest* misclassified iterate is
+    returned, as in the reference. With it, a sample leaves the working batch at its first misclassified
+    iterate (that point is returned): the success flags are identical, since samples do not interact in
+    eval mode and "ever misclassified" cannot be undone, and broken samples cost nothing further.
+    """
+    n = len(x)
     x_adv = (x + eps * noise / noise.flatten(1).abs().amax(1).reshape(-1, *[1] * (x.dim() - 1))).clamp(0.0, 1.0)
-    x_best, x_best_adv = x_adv.clone(), x_adv.clone()
     loss, logits, grad = _loss_and_grad(model, x_adv, y, kind, target, eot)
-    grad_best, loss_best = grad.clone(), loss.clone()
-    correct = logits.argmax(1) == y
-    step = torch.full((len(x),) + (1,) * (x.dim() - 1), 2.0 * eps, dtype=x.dtype, device=x.device)
-    history = torch.zeros(steps, len(x), device=x.device)
+    correct_all = logits.argmax(1) == y
+    adv_all = x_adv.clone()
+    live = torch.arange(n, device=x.device)
+    s = {"x": x, "y": y, "x_adv": x_adv, "x_best": x_adv.clone(), "grad": grad, "grad_best": grad.clone(),
+         "loss_best": loss.clone(), "best_last": loss.clone(), "correct": correct_all.clone(),
+         "reduced_last": torch.ones(n, dtype=torch.bool, device=x.device),
+         "step": torch.full((n,) + (1,) * (x.dim() - 1), 2.0 * eps, dtype=x.dtype, device=x.device),
+         "history": torch.zeros(n, steps, device=x.device), "x_prev": x_adv.clone()}
+    if target is not None:
+        s["target"] = target
+    if early_stop:
+        s, live = _drop_broken(s, live)
     windows = checkpoint_windows(steps)
-    check_at, reduced_last, best_last = set(), torch.ones(len(x), dtype=torch.bool, device=x.device), loss_best.clone()
-    pos = 0
-    for w in windows:
-        pos += w
-        check_at.add(pos - 1)
-    window = iter(windows)
-    x_prev = x_adv.clone()
+    ends = {sum(windows[:j + 1]) - 1: w for j, w in enumerate(windows)}
     for i in range(steps):
+        if not len(live):
+            break
         with torch.no_grad():
-            momentum = x_adv - x_prev
-            x_prev = x_adv.clone()
+            momentum = s["x_adv"] - s["x_prev"]
+            s["x_prev"] = s["x_adv"].clone()
             a = 0.75 if i > 0 else 1.0
-            z = project(x_adv + step * grad.sign(), x, eps)
-            x_adv = project(x_adv + (z - x_adv) * a + momentum * (1 - a), x, eps)
-        loss, logits, grad = _loss_and_grad(model, x_adv, y, kind, target, eot)
-        pred_ok = logits.argmax(1) == y
-        correct &= pred_ok
-        x_best_adv = torch.where(_b(~pred_ok, x), x_adv, x_best_adv)
-        history[i] = loss
-        better = loss > loss_best
-        x_best = torch.where(_b(better, x), x_adv, x_best)
-        grad_best = torch.where(_b(better, x), grad, grad_best)
-        loss_best = torch.where(better, loss, loss_best)
-        if i in check_at:
-            k = next(window)
-            idx = torch.arange(i - k + 1, i + 1, device=x.device)
-            increases = (history[idx] > history[idx - 1]).sum(0)  # index -1 is the unfilled last slot
-            oscillating = increases.float() <= k * rho
-            stagnating = ~reduced_last & (best_last >= loss_best)
-            reduce = oscillating | stagnating
-            reduced_last, best_last = reduce, loss_best.clone()
-            step = torch.where(_b(reduce, x), step / 2.0, step)
-            x_adv = torch.where(_b(reduce, x), x_best, x_adv)
-            grad = torch.where(_b(reduce, x), grad_best, grad)
-    return correct, x_best_adv
+            z = project(s["x_adv"] + s["step"] * s["grad"].sign(), s["x"], eps)
+            s["x_adv"] = project(s["x_adv"] + (z - s["x_adv"]) * a + momentum * (1 - a), s["x"], eps)
+        loss, logits, s["grad"] = _loss_and_grad(model, s["x_adv"], s["y"], kind, s.get("target"), eot)
+        pred_ok = logits.argmax(1) == s["y"]
+        s["correct"] &= pred_ok
+        adv_all[live] = torch.where(_b(~pred_ok, s["x_adv"]), s["x_adv"], adv_all[live])
+        correct_all[live] = s["correct"]
+        s["history"][:, i] = loss
+        better = loss > s["loss_best"]
+        s["x_best"] = torch.where(_b(better, s["x"]), s["x_adv"], s["x_best"])
+        s["grad_best"] = torch.where(_b(better, s["x"]), s["grad"], s["grad_best"])
+        s["loss_best"] = torch.where(better, loss, s["loss_best"])
+        if i in ends:
+            k = ends[i]
+            cols = torch.arange(i - k + 1, i + 1, device=x.device)
+            increases = (s["history"][:, cols] > s["history"][:, cols - 1]).sum(1)  # col -1: the unfilled last slot
+            reduce = (increases.float() <= k * rho) | (~s["reduced_last"] & (s["best_last"] >= s["loss_best"]))
+            s["reduced_last"], s["best_last"] = reduce, s["loss_best"].clone()
+            s["step"] = torch.where(_b(reduce, s["x"]), s["step"] / 2.0, s["step"])
+            s["x_adv"] = torch.where(_b(reduce, s["x"]), s["x_best"], s["x_adv"])
+            s["grad"] = torch.where(_b(reduce, s["x"]), s["grad_best"], s["grad"])
+        if early_stop:
+            s, live = _drop_broken(s, live)
+    return correct_all, adv_all
+
+
+def _drop_broken(state: dict[str, Tensor], live: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """Keep only the samples still correctly classified (a host sync; evaluation only)."""
+    keep = state["correct"]
+    if bool(keep.all()):
+        return state, live
+    return {k: v[keep] for k, v in state.items()}, live[keep]
 
 
 def _b(mask: Tensor, like: Tensor) -> Tensor:
@@ -139,11 +159,13 @@ class APGD(EvalAttack):
     rho: float = 0.75
     eot: int = 1
     component: str = "apgd-ce"
+    early_stop: bool = True
+    """Stop a sample at its first misclassified iterate (same flags, less work; evaluation.md 14.2)."""
     start_noise: NoiseFn | None = field(default=None, repr=False)
 
     def settings(self) -> dict:
         out = {"eps": self.eps, "loss": self.loss, "steps": self.steps, "restarts": self.restarts,
-               "rho": self.rho, "eot": self.eot}
+               "rho": self.rho, "eot": self.eot, "early_stop": self.early_stop}
         if self.loss == "dlr-targeted":
             out["n_targets"] = self.n_targets
         return out
@@ -170,7 +192,8 @@ class APGD(EvalAttack):
                 if len(idx):
                     noise = self._noise(x[idx], sample_ids[idx], seed, run)
                     still, x_adv = apgd_run(model, x[idx], y[idx], self.eps, self.steps, self.loss, noise,
-                                            None if target is None else target[idx], self.rho, self.eot)
+                                            None if target is None else target[idx], self.rho, self.eot,
+                                            self.early_stop)
                     broken = idx[~still]
                     out[broken] = x_adv[~still]
                     robust[broken] = False

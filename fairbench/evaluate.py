@@ -90,7 +90,8 @@ def evaluate_split(model: nn.Module, split: DeviceSplit, attacks: list[str | Eva
     suites = [_suite(a, eps) for a in attacks if a != "clean"]
     parts: list[dict[str, np.ndarray]] = []
     with eval_mode(model):
-        for p in model.parameters():
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        for p in trainable:  # input gradients only; restored afterwards
             p.requires_grad_(False)
         try:
             for x, y, ids in eval_batches(split, batch_size):
@@ -103,7 +104,7 @@ def evaluate_split(model: nn.Module, split: DeviceSplit, attacks: list[str | Eva
                     with torch.enable_grad():
                         parts.extend(_attack_batch(model, name, attack, x, y, ids, correct, seed))
         finally:
-            for p in model.parameters():
+            for p in trainable:
                 p.requires_grad_(True)
     frame = pd.DataFrame({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
     rank = frame["suite"].map({name: i for i, name in enumerate(["clean", *[n for n, _ in suites]])})

@@ -19,19 +19,29 @@ from fairbench.attacks.registry import ComponentOutput, EvalAttack, register_att
 from fairbench.attacks.square import Square
 
 
+def reference_noise(x: Tensor, run: int) -> Tensor:
+    """The reference implementations' start noise: U(-1, 1) of the subset's shape from the global RNG."""
+    return (2 * torch.rand(x.shape) - 1).to(x.device)
+
+
 @dataclass
 class AutoAttack(EvalAttack):
     eps: float
     version: Literal["standard", "rand"] = "standard"
+    reference_rng: bool = False
+    """Draw noise as the reference component chain does (global RNG reseeded to `seed` before each
+    component, windows shared across the batch), so flags can be compared one to one (tests, benchmarks)."""
 
     def components(self) -> list[EvalAttack]:
+        noise = reference_noise if self.reference_rng else None
         if self.version == "rand":
-            return [APGD(self.eps, "ce", eot=20, component="apgd-ce"),
-                    APGD(self.eps, "dlr", eot=20, component="apgd-dlr")]
+            return [APGD(self.eps, "ce", eot=20, component="apgd-ce", start_noise=noise),
+                    APGD(self.eps, "dlr", eot=20, component="apgd-dlr", start_noise=noise)]
         from fairbench.attacks.fab import FABT
 
-        return [APGD(self.eps, "ce", component="apgd-ce"), APGD(self.eps, "dlr-targeted", component="apgd-t"),
-                FABT(self.eps), Square(self.eps)]
+        return [APGD(self.eps, "ce", component="apgd-ce", start_noise=noise),
+                APGD(self.eps, "dlr-targeted", component="apgd-t", start_noise=noise),
+                FABT(self.eps), Square(self.eps, reference_rng=self.reference_rng)]
 
     def settings(self) -> dict:
         return {"eps": self.eps, "version": self.version,
@@ -44,6 +54,8 @@ class AutoAttack(EvalAttack):
             if not bool(active.any()):
                 yield ComponentOutput(getattr(component, "component", type(component).__name__.lower()), x.clone())
                 continue
+            if self.reference_rng:
+                torch.manual_seed(seed)
             yield from component.run(model, x, y, sample_ids, seed, active)
 
 

@@ -18,6 +18,8 @@ class ComponentOutput:
     """Returned points, in the feasible set of the suite's eps."""
     success_any: Tensor | None = None
     """PGD: some iterate was misclassified (the training scripts' stronger logging criterion)."""
+    queries: Tensor | None = None
+    """Square: forwards spent per sample."""
 
 
 class EvalAttack:
@@ -66,4 +68,7 @@ def create_attack(name: str, eps: float) -> EvalAttack:
 
 def _load() -> None:
     import fairbench.attacks.apgd  # noqa: F401
+    import fairbench.attacks.fab  # noqa: F401
+    import fairbench.attacks.autoattack  # noqa: F401
+    import fairbench.attacks.square  # noqa: F401
     import fairbench.attacks.pgd  # noqa: F401  (registers the PGD family)

@@ -1,0 +1,98 @@
+"""Evaluation speed: fairbench's AutoAttack against the reference component chain, same model and images.
+
+The reference is torchattacks 3.5.1's components configured with AutoAttack's standard settings
+(APGD-CE, APGD-T 9 targets, FAB-T 9 targets, 100 iterations each, Square 5000 queries without schedule
+rescaling), chained with its MultiAttack. fairbench runs `aa` in reference-RNG mode so that the per-sample
+flags can be compared one to one; its speed comes from exact savings (no work on samples once broken,
+clean logits reused, input-only gradients). Prints images/s of each, the ratio and the flag agreement.
+
+    pip install --no-deps torchattacks==3.5.1   # reference only; scipy must be installed
+    python benchmarks/eval_speed.py --n 200
+    python benchmarks/eval_speed.py --dataset cifar10-subset --data-dir ../shared/data --arch resnet18 --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fairbench.attacks.autoattack import AutoAttack
+from fairbench.data import load_dataset
+from fairbench.data.loader import DeviceSplit, stratified_subset
+from fairbench.engine import SilentReporter, Trainer, select_device
+from fairbench.evaluate import evaluate_split, robust_flags
+from fairbench.spec import RunSpec, resolve
+
+
+def train_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, object]:
+    """A TRADES model at small scale (the workload AutoAttack meets in fairbench)."""
+    spec = RunSpec(method="trades", dataset=args.dataset, arch=args.arch, epochs=args.epochs, data_dir=args.data_dir,
+                   train_per_class=args.train_per_class, device=str(device))
+    resolved = resolve(spec)
+    dataset = load_dataset(args.dataset, args.data_dir)
+    trainer = Trainer.build(resolved, dataset, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer.fit(Path(tmp), 0, SilentReporter())
+    model = trainer.model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, dataset
+
+
+def reference_chain(model: torch.nn.Module, eps: float, n_classes: int):
+    import torchattacks
+
+    return torchattacks.MultiAttack([
+        torchattacks.APGD(model, norm="Linf", eps=eps, steps=100, n_restarts=1, loss="ce", rho=0.75, seed=0),
+        torchattacks.APGDT(model, norm="Linf", eps=eps, steps=100, n_restarts=1, n_classes=min(n_classes, 10), seed=0),
+        torchattacks.FAB(model, norm="Linf", eps=eps, steps=100, n_restarts=1, multi_targeted=True,
+                         n_classes=min(n_classes, 10), seed=0),
+        torchattacks.Square(model, norm="Linf", eps=eps, n_queries=5000, n_restarts=1, p_init=0.8, loss="margin",
+                            resc_schedule=False, seed=0),
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--arch", default=None)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--train-per-class", type=int, default=None)
+    parser.add_argument("--n", type=int, default=200, help="test images (stratified)")
+    parser.add_argument("--eps", type=float, default=8 / 255)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    device = select_device(args.device)
+    model, dataset = train_model(args, device)
+    index = stratified_subset(dataset.test.labels, dataset.num_classes, max(1, args.n // dataset.num_classes))
+    split = DeviceSplit.from_arrays(dataset.test, device).subset(torch.as_tensor(index, device=device))
+    x = split.images.float() / 255
+    y = split.labels
+
+    t0 = time.perf_counter()
+    ours = evaluate_split(model, split, [AutoAttack(args.eps, reference_rng=True)], args.eps, len(split), seed=0)
+    our_time = time.perf_counter() - t0
+    flags = robust_flags(ours)
+    our_robust = torch.as_tensor(flags[flags.suite == "autoattack"].sort_values("sample_idx")["correct"].to_numpy())
+
+    t0 = time.perf_counter()
+    adv = reference_chain(model, args.eps, dataset.num_classes)(x, y)
+    ref_time = time.perf_counter() - t0
+    with torch.no_grad():
+        ref_robust = (model(adv).argmax(1) == y).cpu()
+
+    n = len(y)
+    print(f"AutoAttack standard, eps {args.eps:.5f}, {n} {args.dataset} test images, device {device}")
+    print(f"reference chain (torchattacks components): {ref_time:8.1f} s  {n / ref_time:8.2f} images/s  "
+          f"robust {ref_robust.float().mean():.4f}")
+    print(f"fairbench aa (reference-RNG mode):          {our_time:8.1f} s  {n / our_time:8.2f} images/s  "
+          f"robust {our_robust.float().mean():.4f}")
+    print(f"speed ratio: {ref_time / our_time:.2f}x; per-sample flags agree on {int((ref_robust == our_robust).sum())}/{n}")
+
+
+if __name__ == "__main__":
+    main()

@@ -24,7 +24,7 @@ from fairbench.data.loader import DeviceSplit, stratified_subset
 from fairbench.engine import Reporter, SilentReporter, Trainer, select_device
 from fairbench.errors import FairbenchError
 from fairbench.evaluate import evaluate_split, per_class_counts
-from fairbench.results import CLASSWISE_COLUMNS, read_metadata, write_json, write_parquet
+from fairbench.results import CLASSWISE_COLUMNS, write_json, write_parquet
 from fairbench.spec import ResolvedRun, RunSpec, provenance, resolve
 
 PARTIAL = "partial_eval"

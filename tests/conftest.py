@@ -38,3 +38,17 @@ def make_context(num_classes: int = 10, num_train: int = 64, epochs: int = 4, ep
                       class_names=tuple(str(i) for i in range(num_classes)), dafa_lambda=1.0, num_train=num_train,
                       epoch=epoch, generator=gen,
                       memory=SampleMemory(num_train, num_classes, torch.device("cpu")) if memory else None)
+
+
+def setup_method(cls, model, digits, config=None, **context):
+    """A method set up as the engine does: the services it declares (sample memory, a real validation
+    split of 60 digits) and `ctx.model`."""
+    from fairbench.data.loader import DeviceSplit
+
+    method = cls(config if config is not None else cls.Config())
+    ctx = make_context(memory="sample_memory" in cls.needs, **context)
+    ctx.model = model
+    if cls.validation is not None:
+        ctx.val_split = DeviceSplit.from_arrays(digits.train, torch.device("cpu")).subset(torch.arange(1000, 1060))
+    method.setup(ctx)
+    return method, ctx

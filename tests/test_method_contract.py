@@ -6,10 +6,9 @@ import copy
 import pytest
 import torch
 
-from fairbench.data.loader import DeviceSplit
 from fairbench.method import Batch, FairAT
 from fairbench.registry import get_method_class, list_methods
-from tests.conftest import make_context
+from tests.conftest import setup_method
 
 
 def _setup(name: str, model, digits, ctx_epochs: int = 4):
@@ -24,13 +23,7 @@ def _setup(name: str, model, digits, ctx_epochs: int = 4):
         import dataclasses
 
         config = dataclasses.replace(config, steps=2)
-    method = cls(config)
-    ctx = make_context(epochs=ctx_epochs, memory="sample_memory" in cls.needs)
-    ctx.model = model
-    if cls.validation is not None:
-        ctx.val_split = DeviceSplit.from_arrays(digits.train, torch.device("cpu")).subset(torch.arange(1000, 1060))
-    method.setup(ctx)
-    return method, ctx
+    return setup_method(cls, model, digits, config, epochs=ctx_epochs)
 
 
 def _step(method: FairAT, model, batch: Batch, ctx, opt) -> torch.Tensor:

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from fairbench.attacks.training import clean_logits, inner_attack, trades_loss
-from fairbench.data.loader import DeviceSplit
 from fairbench.method import Batch
 from fairbench.methods.frl import (
     Frl,
@@ -30,19 +29,13 @@ from fairbench.registry import get_method_class
 from fairbench.results import run_dir
 from fairbench.runner import run_one
 from fairbench.spec import RunSpec, resolve
-from tests.conftest import make_context
+from tests.conftest import setup_method
 
 CPU = torch.device("cpu")
 
 
 def frl_setup(cls, model, digits, **overrides):
-    """A method with a real validation split (60 digits) and `ctx.model`, as the engine builds it."""
-    method = cls(dataclasses.replace(cls.Config(), **overrides))
-    ctx = make_context(memory=False)
-    ctx.model = model
-    ctx.val_split = DeviceSplit.from_arrays(digits.train, CPU).subset(torch.arange(1000, 1060))
-    method.setup(ctx)
-    return method, ctx
+    return setup_method(cls, model, digits, dataclasses.replace(cls.Config(), **overrides))
 
 
 def official_weights(lam: torch.Tensor) -> torch.Tensor:

@@ -10,25 +10,18 @@ import torch
 import torch.nn.functional as F
 
 from fairbench.attacks.training import clean_logits, inner_attack, trades_loss
-from fairbench.data.loader import DeviceSplit
 from fairbench.method import Batch
 from fairbench.methods.wat import ValidationLosses, Wat, epoch_costs, hedge_weights
 from fairbench.registry import get_method_class
 from fairbench.runner import run_one
 from fairbench.spec import RunSpec
-from tests.conftest import make_context
+from tests.conftest import setup_method
 
 CPU = torch.device("cpu")
 
 
 def wat_setup(model, digits, **overrides):
-    """A method with a real validation split (60 digits) and `ctx.model`, as the engine builds it."""
-    method = Wat(dataclasses.replace(Wat.Config(), **overrides))
-    ctx = make_context(memory=False)
-    ctx.model = model
-    ctx.val_split = DeviceSplit.from_arrays(digits.train, CPU).subset(torch.arange(1000, 1060))
-    method.setup(ctx)
-    return method, ctx
+    return setup_method(Wat, model, digits, dataclasses.replace(Wat.Config(), **overrides))
 
 
 # -- costs and weights -------------------------------------------------------------------------------------

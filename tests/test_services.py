@@ -1,7 +1,6 @@
 """Engine services a method can ask for: a held-out validation split and class-wise accuracy on it."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import torch

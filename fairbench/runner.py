@@ -21,7 +21,7 @@ from fairbench.errors import FairbenchError
 from fairbench.evalrun import PARTIAL, classwise_table, eval_split, evaluate_epochs, suite_eps
 from fairbench.registry import get_method_class
 from fairbench.results import is_finished, run_dir, write_json, write_parquet
-from fairbench.spec import ResolvedRun, RunSpec, provenance, resolve
+from fairbench.spec import ResolvedRun, RunSpec, hot_start_base, provenance, resolve
 
 
 @dataclass
@@ -79,9 +79,7 @@ def with_hot_start(spec: RunSpec, out: Path, resume: bool, reporter: Reporter, k
     cls = get_method_class(spec.method)
     if not cls.hot_start or spec.init_from:
         return spec
-    base = dataclasses.replace(spec, method=cls.hot_start, overrides={}, protocol="common", init_from=None,
-                               epochs=spec.hot_start_epochs, lr=None, momentum=None, nesterov=None,
-                               weight_decay=None, schedule=None, hot_start_epochs=None)
+    base = hot_start_base(spec)
     reporter.message(f"{spec.method} starts from a {cls.hot_start} run (hot start)")
     outcome = run_one(base, out, resume=resume, reporter=reporter, keep_last=keep_last)
     final = max(list_checkpoints(outcome.folder / "checkpoints").items())[1]

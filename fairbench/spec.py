@@ -86,6 +86,10 @@ class ResolvedRun:
 
     @property
     def protocol_id(self) -> str:
+        """Groups runs that rho may compare. A hot-started method (FRL fine-tunes a TRADES model) belongs to
+        the protocol of the run it starts from: that TRADES run is its baseline."""
+        if self.method_cls.hot_start:
+            return resolve(hot_start_base(self.spec)).protocol_id
         return _digest(self.protocol)
 
     def as_dict(self) -> dict[str, Any]:
@@ -171,6 +175,15 @@ def resolve(spec: RunSpec) -> ResolvedRun:
     config = apply_overrides(cls.Config(), scale_defaults, spec.method)
     config = apply_overrides(config, method_overrides(spec.overrides, spec.method, cls.Config), spec.method)
     return ResolvedRun(spec, arch, epochs, batch, config, cls, chosen)
+
+
+def hot_start_base(spec: RunSpec) -> RunSpec:
+    """The run a hot-started method starts from: its `hot_start` method on the same data, arch, subset and
+    seed, under the common protocol (epochs from `hot_start_epochs`, else the dataset's default)."""
+    cls = get_method_class(spec.method)
+    return dataclasses.replace(spec, method=cls.hot_start, overrides={}, protocol="common", init_from=None,
+                               epochs=spec.hot_start_epochs, lr=None, momentum=None, nesterov=None,
+                               weight_decay=None, schedule=None, hot_start_epochs=None)
 
 
 def provenance(resolved: ResolvedRun) -> dict[str, str]:

@@ -152,3 +152,13 @@ def test_init_from_starts_from_another_runs_weights(tmp_path):
     with pytest.raises(FairbenchError, match="init-from"):
         load_start_weights(trainer, tmp_path / "missing.pt")
     assert resolve(spec).run_id != resolve(tiny_spec("dafa")).run_id  # the start point is part of the config
+
+
+def test_hot_started_method_is_compared_with_the_run_it_starts_from():
+    from fairbench.spec import hot_start_base
+
+    frl = RunSpec(method="frl", dataset="digits", epochs=3, hot_start_epochs=5, train_per_class=30)
+    base = hot_start_base(frl)
+    assert (base.method, base.epochs, base.train_per_class, base.protocol) == ("trades", 5, 30, "common")
+    assert resolve(frl).protocol_id == resolve(base).protocol_id
+    assert resolve(frl).optim["lr"] == 0.001 and resolve(frl).epochs == 3  # the fine-tuning stage

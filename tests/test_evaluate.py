@@ -70,3 +70,25 @@ def test_counter_rng_depends_only_on_sample_id():
     assert not torch.equal(a, per_sample_uniform(ids, (3, 4), seed=2))
     u = per_sample_uniform(torch.arange(2000), (50,), seed=0)
     assert 0 <= float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
+
+
+def test_cw20_equals_an_independent_minimal_loop(tiny_model, digits):
+    """torchattacks has no L-inf CW; the reference is the FAT/MAIL-style loop written out here."""
+    model = _trained(tiny_model, digits)
+    x = torch.from_numpy(digits.test.images[:32]).float() / 255
+    y = torch.from_numpy(digits.test.labels[:32])
+    ids = torch.arange(32)
+    out = next(PGD(8 / 255, steps=20, alpha=0.003, loss="cw").run(model, x, y, ids, 5, torch.ones(32, dtype=torch.bool)))
+    eps = 8 / 255
+    x_adv = (x + eps * (per_sample_uniform(ids, (1, 8, 8), 5, stream=1) * 2 - 1)).clamp(0, 1)
+    x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
+    for _ in range(20):
+        x_adv.requires_grad_(True)
+        z = model(x_adv)
+        onehot = torch.nn.functional.one_hot(y, 10).bool()
+        correct = z[onehot]
+        other = (z - 1e4 * onehot.float()).max(1).values
+        loss = -torch.clamp(correct - other + 50, min=0).sum()
+        grad = torch.autograd.grad(loss, x_adv)[0]
+        x_adv = torch.min(torch.max(x_adv.detach() + 0.003 * grad.sign(), x - eps), x + eps).clamp(0, 1)
+    assert torch.equal(out.x_adv, x_adv)

@@ -55,7 +55,10 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--methods", "-m", required=True, help="Comma-separated method names (see `fairbench methods`).")
+@click.option("--methods", "-m", default=None, help="Comma-separated method names (see `fairbench methods`).")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="A grid config (benchmarks/paper/<table>.toml) instead of --methods/--dataset/--seeds/...")
+@click.option("--scale", default=None, help="A named scale of the config, e.g. smoke (the same grid, tiny, on CPU).")
 @click.option("--dataset", "-d", default="digits", show_default=True, help="See `fairbench datasets`.")
 @click.option("--seeds", default="1", show_default=True, help="A count (5 -> seeds 1..5) or a list (1,3,7).")
 @click.option("--arch", default=None, help="Model (see `fairbench archs`); default: the dataset's.")
@@ -84,24 +87,27 @@ def cli() -> None:
 @click.option("--resume", is_flag=True, help="Continue runs from their last checkpoint.")
 @click.option("--plugins", multiple=True, help="Import these modules first (unpackaged local methods).")
 @click.option("--quiet", "-q", is_flag=True)
-def run(methods, dataset, seeds, arch, epochs, batch_size, lr, schedule, weight_decay, protocol, init_from,
+def run(methods, config_path, scale, dataset, seeds, arch, epochs, batch_size, lr, schedule, weight_decay, protocol, init_from,
         hot_start_epochs, sets, attack, eval_eps, eval_last,
         train_per_class, eval_per_class, data_dir, device, amp, out, resume, plugins, quiet) -> None:
     """Train every (method, seed) on DATASET, evaluate the last checkpoints, write per-class parquet."""
     from fairbench.progress import RichReporter
     from fairbench.runner import run_one
-    from fairbench.spec import RunSpec, check_overrides, resolve
+    from fairbench.spec import resolve
 
     _load_plugins(plugins)
-    names = [m.strip() for m in methods.split(",") if m.strip()]
-    overrides = _parse_sets(sets)
-    check_overrides(overrides, names)
-    specs = [RunSpec(method=m, dataset=dataset, seed=s, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
-                     schedule=schedule, weight_decay=weight_decay, protocol=protocol, init_from=init_from,
-                     hot_start_epochs=hot_start_epochs, overrides=overrides, train_per_class=train_per_class,
-                     eval_per_class=eval_per_class, attacks=tuple(a.strip() for a in attack.split(",") if a.strip()),
-                     eval_eps=parse_number(eval_eps), eval_last=eval_last, data_dir=data_dir, device=device, amp=amp)
-             for m in names for s in _parse_seeds(seeds)]
+    if config_path:
+        from fairbench.grid import grid_specs, load_config
+
+        specs = grid_specs(load_config(config_path), scale, data_dir=data_dir, device=device, amp=amp)
+    elif not methods:
+        raise FairbenchError("name the methods (--methods trades,dafa,trix) or a grid (--config benchmarks/paper/table1.toml)")
+    else:
+        if scale:
+            raise FairbenchError("--scale needs --config")
+        specs = _cli_specs(methods, dataset, seeds, arch, epochs, batch_size, lr, schedule, weight_decay, protocol,
+                           init_from, hot_start_epochs, sets, attack, eval_eps, eval_last, train_per_class,
+                           eval_per_class, data_dir, device, amp)
     for spec in specs:
         resolve(spec)  # every name and option checked before anything trains
     with RichReporter(err_console, quiet=quiet) as reporter:
@@ -110,6 +116,22 @@ def run(methods, dataset, seeds, arch, epochs, batch_size, lr, schedule, weight_
             run_one(spec, Path(out), resume=resume, reporter=reporter)
     if not quiet:
         err_console.print(f"done: {len(specs)} run(s) in {out}/runs; `fairbench table --results {out}` compares them")
+
+
+def _cli_specs(methods, dataset, seeds, arch, epochs, batch_size, lr, schedule, weight_decay, protocol, init_from,
+               hot_start_epochs, sets, attack, eval_eps, eval_last, train_per_class, eval_per_class, data_dir,
+               device, amp) -> list:
+    from fairbench.spec import RunSpec, check_overrides
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    overrides = _parse_sets(sets)
+    check_overrides(overrides, names)
+    return [RunSpec(method=m, dataset=dataset, seed=s, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
+                     schedule=schedule, weight_decay=weight_decay, protocol=protocol, init_from=init_from,
+                     hot_start_epochs=hot_start_epochs, overrides=overrides, train_per_class=train_per_class,
+                     eval_per_class=eval_per_class, attacks=tuple(a.strip() for a in attack.split(",") if a.strip()),
+                     eval_eps=parse_number(eval_eps), eval_last=eval_last, data_dir=data_dir, device=device, amp=amp)
+             for m in names for s in _parse_seeds(seeds)]
 
 
 @cli.command(name="eval")

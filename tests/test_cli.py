@@ -94,3 +94,43 @@ def test_missing_data_names_path_and_fetch_command(capsys, tmp_path):
 def test_table_without_results_says_what_to_do(capsys, tmp_path):
     code, _, err = fairbench(["table", "--results", str(tmp_path)], capsys)
     assert code == 2 and "fairbench run" in err
+
+
+CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks" / "paper"
+
+
+@pytest.mark.slow
+def test_paper_config_smoke_grid_runs_and_skips_finished_runs(tmp_path):
+    out = tmp_path / "grid"
+    cmd = ["fairbench", "run", "--config", str(CONFIGS / "table2.toml"), "--scale", "smoke", "--out", str(out), "-q"]
+    first = subprocess.run(cmd, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    frame = pd.concat(pd.read_parquet(f) for f in out.glob("runs/*/classwise.parquet"))
+    assert set(frame.method) == {"trades", "trix-basic", "trix-uniform", "dafa-uniform", "dafa", "trix"}
+    again = subprocess.run([*cmd[:-1]], capture_output=True, text=True)
+    assert again.returncode == 0 and again.stderr.count("finished earlier, skipped") == 6
+
+
+def test_every_paper_config_resolves_at_both_scales():
+    from fairbench.grid import grid_specs, load_config
+    from fairbench.spec import resolve
+
+    configs = sorted(CONFIGS.glob("*.toml"))
+    assert {c.stem for c in configs} >= {"table1", "table2", "table3", "table4", "tinyimagenet"}
+    for path in configs:
+        for scale in (None, "smoke"):
+            specs = grid_specs(load_config(path), scale)
+            assert specs and all(resolve(s).run_id for s in specs)
+    full = grid_specs(load_config(CONFIGS / "table1.toml"))
+    assert len(full) == 8 * 3 * 5 and {s.dataset for s in full} == {"cifar10", "cifar100", "stl10"}
+
+
+def test_config_errors_are_clear(capsys, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[grid]\nmethods = ["trades"]\ndatasets = ["digits"]\nepochz = 3\n')
+    code, _, err = fairbench(["run", "--config", str(bad), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "unknown grid key 'epochz'" in " ".join(err.split())
+    code, _, err = fairbench(["run", "--config", str(CONFIGS / "table2.toml"), "--scale", "tiny"], capsys)
+    assert code == 2 and "unknown scale 'tiny'; choose one of: smoke" in " ".join(err.split())
+    code, _, err = fairbench(["run", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "--config" in err

@@ -141,10 +141,13 @@ def _cli_specs(methods, dataset, seeds, arch, epochs, batch_size, lr, schedule, 
 @click.option("--n-examples", type=int, default=None,
               help="Evaluate a class-stratified subset of about N test images (the first N/C of each class).")
 @click.option("--eps", "eval_eps", default=None, help="L-inf radius (default: the run's, 8/255).")
+@click.option("--eps-sweep", default=None, metavar="E1,E2,...",
+              help="Evaluate at each radius, in /255 (0,2,4,8,16,32); rows are stored as SUITE@E/255 "
+                   "(`fairbench plot --kind eps`). Without --attack, sweeps pgd20 only.")
 @click.option("--data-dir", default=None)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", "-q", is_flag=True)
-def eval_cmd(targets, attack, checkpoints, n_examples, eval_eps, data_dir, device, quiet) -> None:
+def eval_cmd(targets, attack, checkpoints, n_examples, eval_eps, eps_sweep, data_dir, device, quiet) -> None:
     """Evaluate finished runs (RUN_DIR, a checkpoint file, or a results folder) and add the rows to their results.
 
     A killed evaluation resumes where it stopped when started again.
@@ -153,12 +156,17 @@ def eval_cmd(targets, attack, checkpoints, n_examples, eval_eps, data_dir, devic
     from fairbench.evalrun import evaluate_run, load_run_spec
     from fairbench.progress import RichReporter
 
+    source = click.get_current_context().get_parameter_source("attack")
+    if eps_sweep and source == click.core.ParameterSource.DEFAULT:
+        attack = "pgd20"  # the paper's Figure 3; AutoAttack at six radii is rarely what was meant
     attacks = [a.strip() for a in attack.split(",") if a.strip()]
     from fairbench.attacks.registry import create_attack
 
     for a in attacks:
         if a != "clean":
             create_attack(a, 8 / 255)
+    radii = _eps_sweep(eps_sweep, eval_eps, attacks) if eps_sweep else [
+        parse_number(eval_eps) if eval_eps else None]
     folders = []
     for target in map(Path, targets):
         runs = sorted(p.parent for p in target.glob("runs/*/run.json")) or sorted(p.parent for p in target.glob("*/run.json"))
@@ -169,10 +177,26 @@ def eval_cmd(targets, attack, checkpoints, n_examples, eval_eps, data_dir, devic
             if n_examples:
                 spec, _ = load_run_spec(folder if folder.suffix != ".pt" else folder.parent.parent)
                 per_class = max(1, n_examples // len_classes(get_dataset_info(spec.dataset), spec, data_dir))
-            evaluate_run(folder, attacks, checkpoints, per_class, parse_number(eval_eps) if eval_eps else None,
-                         data_dir, device, reporter)
+            for eps in radii:
+                evaluate_run(folder, attacks, checkpoints, per_class, eps, data_dir, device, reporter,
+                             label_eps=bool(eps_sweep))
     if not quiet:
         err_console.print(f"done: {len(folders)} run(s); `fairbench table` shows the new columns")
+
+
+def _eps_sweep(text: str, eval_eps: str | None, attacks: list[str]) -> list[float]:
+    """'0,2,4,8' -> radii k/255 (an entry with '/' is taken as written); every attack must use them."""
+    from fairbench.attacks.registry import create_attack
+
+    if eval_eps:
+        raise FairbenchError("--eps and --eps-sweep exclude each other; put every radius in --eps-sweep")
+    radii = [parse_number(e) if "/" in e else parse_number(e) / 255 for e in text.split(",") if e.strip()]
+    if not radii or min(radii) < 0:
+        raise FairbenchError(f"--eps-sweep expects radii >= 0 in /255, like 0,2,4,8,16,32; got {text!r}")
+    for a in (a for a in attacks if a != "clean"):
+        if len({create_attack(a, e).eps for e in radii}) < len(set(radii)):
+            raise FairbenchError(f"attack {a!r} has a fixed radius and ignores --eps-sweep; sweep pgd20")
+    return radii
 
 
 def len_classes(info, spec, data_dir) -> int:
@@ -191,15 +215,43 @@ def len_classes(info, spec, data_dir) -> int:
 @click.option("--rho-variant", type=click.Choice(["dafa", "worst_minus_avg"]), default="dafa", show_default=True)
 @click.option("--attack", "attacks", default=None, help="Only these robust attacks (comma-separated).")
 @click.option("--output", "-o", default=None, type=click.Path(dir_okay=False), help="Write to a file instead.")
-def table(results_dir, fmt, last_k, worst, baseline, rho_variant, attacks, output) -> None:
-    """Average / worst-class accuracy and rho per method, mean ± std over seeds."""
+@click.option("--paper", "paper_table", default=None, metavar="TABLE",
+              help="The TRIX paper's layout: table1, table2, table3, table4, tinyimagenet (or one part: table1a, "
+                   "table5b, ...). Uses the paper's worst statistic; --attack overrides its attack (aa; pgd20 for table2).")
+@click.option("--compare", type=click.Choice(["paper"]), default=None,
+              help="With --paper: ours beside the published numbers, difference ours - paper.")
+@click.option("--check-reference", is_flag=True,
+              help="Recompute the published rho of the TRIX and DAFA tables with both conventions; needs no results.")
+def table(results_dir, fmt, last_k, worst, baseline, rho_variant, attacks, output, paper_table, compare,
+          check_reference) -> None:
+    """Average / worst-class accuracy and rho per method, mean ± std over seeds; or the TRIX paper's tables."""
+    from functools import partial
+
+    from fairbench import paper
     from fairbench.tables import fairness_table, format_table, load_results
 
-    frame = fairness_table(load_results(results_dir), last_k=last_k, worst=worst, baseline=baseline,
-                           rho_variant=rho_variant, attacks=attacks.split(",") if attacks else None)
-    rendered = format_table(frame, fmt)
+    if compare and not paper_table:
+        raise FairbenchError("--compare paper needs --paper TABLE (e.g. --paper table1)")
+    if check_reference:
+        render = partial(paper.format_rho_check, paper.check_reference_rho(None))
+    elif paper_table:
+        spec = paper.resolve_table(paper_table)
+        if click.get_current_context().get_parameter_source("worst") != click.core.ParameterSource.DEFAULT \
+                and worst != spec.worst:
+            raise FairbenchError(f"--paper {paper_table} uses the paper's worst={spec.worst}; drop --worst {worst}")
+        if attacks and "," in attacks:
+            raise FairbenchError("--paper shows one robust attack; give a single --attack")
+        opts = dict(results_table=load_results(results_dir), table_id=paper_table, last_k=last_k,
+                    baseline=baseline, rho_variant=rho_variant, attack=attacks)
+        render = (partial(paper.format_comparison, paper.compare_with_paper(**opts)) if compare
+                  else partial(paper.format_paper_layout, paper.paper_layout(**opts)))
+    else:
+        render = partial(format_table, fairness_table(
+            load_results(results_dir), last_k=last_k, worst=worst, baseline=baseline, rho_variant=rho_variant,
+            attacks=attacks.split(",") if attacks else None))
+    rendered = render(fmt)
     if output:
-        text = rendered if isinstance(rendered, str) else format_table(frame, "md")
+        text = rendered if isinstance(rendered, str) else render("md")
         Path(output).write_text(text)
         err_console.print(f"wrote {output}")
     elif isinstance(rendered, str):
@@ -304,6 +356,36 @@ def download(dataset: str, data_dir: str | None) -> None:
     root = Path(data_dir) if data_dir else default_data_root()
     path = fetch(dataset, root)
     console.print(f"{dataset} is ready under {path}")
+
+
+@cli.command()
+@click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Folder for the figures [RESULTS/plots].")
+@click.option("--kind", type=click.Choice(["classwise", "eps", "targeted", "similarity", "all"]), default="all",
+              show_default=True, help="classwise: accuracy per class and method (TRIX Fig. 4/5); eps: robust "
+              "accuracy against eps (Fig. 3); targeted: untargeted vs targeted success (Fig. 1a); similarity: "
+              "DAFA/TRIX class similarity and weights.")
+@click.option("--attack", "attacks", default=None, help="Robust attack(s), comma-separated [every one evaluated].")
+@click.option("--methods", "-m", default=None, help="Comma-separated methods, in legend order [all].")
+@click.option("--last-k", type=int, default=5, show_default=True, help="Average each run over its last k checkpoints.")
+@click.option("--pair", default=None, metavar="UNTARGETED,TARGETED",
+              help="Suites compared by --kind targeted [apgd-ce,apgd-t, or the first such pair found].")
+def plot(results_dir, out, kind, attacks, methods, last_k, pair) -> None:
+    """Figures (PNG and PDF) of the class-wise results; prints the paths of the files written."""
+    from fairbench.plots import PlotRequest, render_plots
+
+    def names(text: str | None) -> tuple[str, ...] | None:
+        return tuple(n.strip() for n in text.split(",") if n.strip()) if text else None
+
+    if pair and len(names(pair)) != 2:
+        raise FairbenchError(f"--pair expects two suites, UNTARGETED,TARGETED (e.g. apgd-ce,apgd-t); got {pair!r}")
+    request = PlotRequest(Path(results_dir), Path(out) if out else Path(results_dir) / "plots", names(attacks),
+                          names(methods), last_k, names(pair))
+    report = render_plots(request, kind)
+    for note in report.skipped:
+        err_console.print(f"[yellow]skipped[/yellow] {escape(note)}", highlight=False, soft_wrap=True)
+    for path in report.paths:
+        click.echo(str(path))
 
 
 def main() -> None:

@@ -97,6 +97,23 @@ def suite_eps(attacks: list[str], eps: float) -> dict[str, float]:
     return {"clean": 0.0, **{a: create_attack(a, eps).eps for a in attacks if a != "clean"}}
 
 
+def eps_label(eps: float) -> str:
+    """'4/255' (radii are written in 1/255 steps), '0.5/255' otherwise: short, exact enough to tell apart."""
+    return f"{eps * 255:.6g}/255"
+
+
+def eps_suite_name(attack: str, eps: float) -> str:
+    """The stored name of `attack` evaluated at `eps` in an eps sweep, e.g. 'pgd20@4/255'. Results are keyed
+    by (epoch, suite), so each radius needs its own name or the sweep's points overwrite each other."""
+    return f"{attack}@{eps_label(eps)}"
+
+
+def split_suite_name(name: str) -> tuple[str, str | None]:
+    """'pgd20@4/255' -> ('pgd20', '4/255'); 'pgd20' -> ('pgd20', None)."""
+    attack, sep, label = name.partition("@")
+    return attack, (label if sep else None)
+
+
 def select_epochs(available: list[int], which: str) -> list[int]:
     """'last5' (any lastN), 'final', 'all', or a comma list of epochs."""
     if which == "all":
@@ -129,8 +146,13 @@ def load_run_spec(folder: Path) -> tuple[RunSpec, dict]:
 
 def evaluate_run(folder: Path, attacks: list[str], checkpoints: str = "last5", per_class: int | None = None,
                  eps: float | None = None, data_dir: str | None = None, device: str = "auto",
-                 reporter: Reporter | None = None) -> Path:
-    """Add the records of `attacks` on the chosen checkpoints of a finished run to its result files."""
+                 reporter: Reporter | None = None, label_eps: bool = False) -> Path:
+    """Add the records of `attacks` on the chosen checkpoints of a finished run to its result files.
+
+    `label_eps`: store each suite as `eps_suite_name` (e.g. 'pgd20@4/255'), so evaluations at several radii
+    (an eps sweep) sit side by side instead of replacing each other and the run's own 'pgd20' rows. A radius
+    other than the run's own always gets such names, so rows of one suite name never mix two radii.
+    """
     reporter = reporter or SilentReporter()
     folder = Path(folder)
     if folder.suffix == ".pt":  # a checkpoint file: evaluate that epoch of its run
@@ -145,11 +167,17 @@ def evaluate_run(folder: Path, attacks: list[str], checkpoints: str = "last5", p
     trainer = Trainer.build(resolved, dataset, select_device(device))
     epochs = select_epochs(sorted(list_checkpoints(folder / "checkpoints")), checkpoints)
     eps = spec.eval_eps if eps is None else eps
+    label_eps = label_eps or eps != spec.eval_eps
     split = eval_split(resolved, dataset, trainer.device, per_class)
     reporter.message(f"{resolved.run_id}: {', '.join(attacks)} on epochs {epochs}, {len(split)} test samples")
     t0 = time.perf_counter()
     samples = evaluate_epochs(trainer, epochs, [a for a in attacks if a != "clean"], eps, split, folder, reporter)
-    merge_results(folder, samples, resolved, dataset.class_names, meta, attacks, eps, time.perf_counter() - t0)
+    names = None
+    if label_eps:
+        names = {a: eps_suite_name(a, e) for a, e in suite_eps(attacks, eps).items() if a != "clean"}
+        samples["suite"] = samples["suite"].map(lambda suite: names.get(suite, suite))
+    merge_results(folder, samples, resolved, dataset.class_names, meta, attacks, eps, time.perf_counter() - t0,
+                  names)
     return folder
 
 
@@ -166,17 +194,26 @@ def merge_samples(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
 
 
 def merge_results(folder: Path, samples: pd.DataFrame, resolved: ResolvedRun, class_names: tuple[str, ...],
-                  meta: dict, attacks: list[str], eps: float, seconds: float) -> None:
-    """Merge the new records into the run's files and recompute its per-class table, atomically."""
+                  meta: dict, attacks: list[str], eps: float, seconds: float,
+                  suite_names: dict[str, str] | None = None) -> None:
+    """Merge the new records into the run's files and recompute its per-class table, atomically.
+
+    `suite_names` maps an attack to the suite name its records carry (eps sweeps); default: the attack's name.
+    """
+    names = suite_names or {}
     old_cw = pd.read_parquet(folder / "classwise.parquet")
     merged = merge_samples(pd.read_parquet(folder / "samples.parquet"), samples)
-    eps_of = {**dict(zip(old_cw["attack"], old_cw["eps"])), **suite_eps(attacks, eps)}
+    eps_of = {**dict(zip(old_cw["attack"], old_cw["eps"])),
+              **{names.get(a, a): e for a, e in suite_eps(attacks, eps).items()}}
     classwise = classwise_table(merged, resolved, class_names, eps_of)
     meta = dict(meta)
     meta.setdefault("attacks", {}).update(
-        {a: create_attack(a, eps).settings() for a in attacks if a != "clean"})
-    meta.setdefault("evaluations", []).append({"attacks": attacks, "eps": eps, "seconds": seconds,
-                                               "epochs": sorted(set(samples["epoch"].tolist()))})
+        {names.get(a, a): create_attack(a, eps).settings() for a in attacks if a != "clean"})
+    evaluation = {"attacks": attacks, "eps": eps, "seconds": seconds,
+                  "epochs": sorted(set(samples["epoch"].tolist()))}
+    if names:
+        evaluation["suites"] = [names.get(a, a) for a in attacks]
+    meta.setdefault("evaluations", []).append(evaluation)
     write_parquet(folder / "samples.parquet", merged)
     write_json(folder / "run.json", meta)
     write_parquet(folder / "classwise.parquet", classwise, meta)

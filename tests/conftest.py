@@ -52,3 +52,21 @@ def setup_method(cls, model, digits, config=None, **context):
         ctx.val_split = DeviceSplit.from_arrays(digits.train, torch.device("cpu")).subset(torch.arange(1000, 1060))
     method.setup(ctx)
     return method, ctx
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """`fairbench ARGS` in this process, as the console script runs it: (exit code, stdout, stderr)."""
+    import sys
+
+    from fairbench.cli import main
+
+    old, sys.argv = sys.argv, ["fairbench", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 0
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -2,29 +2,17 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pandas as pd
 import pytest
+from tests.conftest import run_cli
 
-from fairbench.cli import main
 
 TINY = ["--epochs", "3", "--train-per-class", "30", "--eval-per-class", "10", "--set", "warmup=1",
         "--set", "steps=2", "--eval-last", "2"]
 
 
-def fairbench(args: list[str], capsys) -> tuple[int, str, str]:
-    old = sys.argv
-    sys.argv = ["fairbench", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 0
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
+fairbench = run_cli  # the command line in this process
 
 
 @pytest.mark.slow

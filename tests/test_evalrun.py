@@ -58,3 +58,15 @@ def test_select_epochs():
     assert select_epochs([1, 2, 3], "1,3") == [1, 3]
     with pytest.raises(FairbenchError, match="available"):
         select_epochs([1, 2, 3], "7")
+
+
+def test_another_radius_never_relabels_existing_rows(tmp_path):
+    spec = RunSpec(method="trades", dataset="digits", epochs=2, batch_size=64, train_per_class=20,
+                   eval_per_class=5, eval_last=2, overrides={"steps": "1"})
+    run_one(spec, tmp_path)
+    folder = run_dir(tmp_path, resolve(spec).run_id)
+    evaluate_run(folder, ["pgd20"], checkpoints="final", eps=16 / 255)
+    table = pd.read_parquet(folder / "classwise.parquet")
+    assert set(table.loc[table.attack == "pgd20", "eps"]) == {8 / 255}
+    assert set(table.loc[table.attack == "pgd20@16/255", "eps"]) == {16 / 255}
+    assert sorted(table.loc[table.attack == "pgd20", "epoch"].unique()) == [1, 2]

@@ -13,6 +13,8 @@ entry to match the paper; the layout's notes list which published entries need w
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass, field, replace
 
@@ -144,12 +146,32 @@ def paper_layout(
     `fairness_table` built with the paper's worst statistic. `attack` overrides the paper's robust attack
     (aa; pgd20 for Table 2). Methods or datasets without results are kept as "–" rows."""
     t = resolve_table(table_id)
-    attack = attack or t.attack
     ft = _fairness(results_table, t, last_k, baseline, rho_variant)
+    stand_in = _stand_in_notes(ft, t, attack)
+    if stand_in:  # a smoke grid: the paper's layout over the datasets and attack the results have
+        attack = attack or _first_attack(ft)
+        t = dataclasses.replace(t, blocks=tuple(
+            Block(tuple(r for b in t.blocks for r in b.refs), d, a, f"{t.name} layout")
+            for d, a in ft[["dataset", "arch"]].drop_duplicates().itertuples(index=False)))
+    attack = attack or t.attack
     blocks = [blk for b in t.blocks for blk in _layout_blocks(ft, b, t, attack)]
-    notes = [*_protocol_notes(ft, t, last_k, baseline, rho_variant), *t.notes,
+    notes = [*stand_in, *_protocol_notes(ft, t, last_k, baseline, rho_variant), *t.notes,
              *_convention_notes([r for b in t.blocks for r in b.refs])]
     return PaperLayout(t.name, t.columns, column_headers(t), blocks, notes)
+
+
+def _stand_in_notes(ft: pd.DataFrame, t: PaperTable, attack: str | None) -> list[str]:
+    """Non-empty when the results hold none of the table's datasets (e.g. a `--scale smoke` grid on digits)."""
+    if ft.empty or ft["dataset"].isin([b.dataset for b in t.blocks]).any():
+        return []
+    found = ", ".join(sorted(set(ft["dataset"])))
+    return [f"no results for the paper's datasets; the layout of {t.name} is shown for {found} "
+            f"(attack {attack or _first_attack(ft)}), e.g. from `--scale smoke`"]
+
+
+def _first_attack(ft: pd.DataFrame) -> str:
+    attacks = [a for a in pd.unique(ft["attack"]) if a != tables.NO_ATTACK]
+    return attacks[0] if attacks else tables.NO_ATTACK
 
 
 def _fairness(results: pd.DataFrame, t: PaperTable, last_k: int | None, baseline: str,

@@ -96,6 +96,8 @@ class ResolvedRun:
         spec = dataclasses.asdict(self.spec)
         spec.pop("data_dir"), spec.pop("device"), spec.pop("overrides")
         spec["init_from"] = _init_key(self.spec.init_from)
+        if not self.method_cls.hot_start:
+            spec.pop("hot_start_epochs")  # meaningless for methods without a hot start: same run either way
         return {**spec, "arch": self.arch, "epochs": self.epochs, "batch_size": self.batch_size, **self.optim,
                 "method_config": dataclasses.asdict(self.method_config)}
 
@@ -179,9 +181,11 @@ def resolve(spec: RunSpec) -> ResolvedRun:
 
 def hot_start_base(spec: RunSpec) -> RunSpec:
     """The run a hot-started method starts from: its `hot_start` method on the same data, arch, subset and
-    seed, under the common protocol (epochs from `hot_start_epochs`, else the dataset's default)."""
+    seed, under the common protocol (epochs from `hot_start_epochs`, else the dataset's default), with the
+    run's bare `--set` options (so `--set steps=2` is the same grid-wide; `frl.beta` stays FRL's)."""
     cls = get_method_class(spec.method)
-    return dataclasses.replace(spec, method=cls.hot_start, overrides={}, protocol="common", init_from=None,
+    shared = {k: v for k, v in spec.overrides.items() if "." not in k}  # bare keys reach the base run too
+    return dataclasses.replace(spec, method=cls.hot_start, overrides=shared, protocol="common", init_from=None,
                                epochs=spec.hot_start_epochs, lr=None, momentum=None, nesterov=None,
                                weight_decay=None, schedule=None, hot_start_epochs=None)
 

@@ -293,3 +293,19 @@ def test_fairness_table_input_must_match_worst(results):
     assert paper.paper_layout("table1a", ft).blocks[0].rows["present"].sum() == 3
     with pytest.raises(FairbenchError, match="min20"):
         paper.paper_layout("tinyimagenet", ft)
+
+
+def test_smoke_results_get_the_papers_layout_on_their_own_dataset():
+    """A `--scale smoke` grid on digits: table1's rows and columns, one block for digits, with a note."""
+    rows = []
+    for method in ("trades", "trix", "frl"):
+        for attack in ("clean", "pgd20"):
+            for c in range(10):
+                rows.append(dict(run_id=f"{method}-1", method=method, dataset="digits", arch="smallcnn",
+                                 protocol="p", seed=1, epoch=3, attack=attack, eps=0.0, class_id=c,
+                                 class_name=str(c), n=10, correct=5 + (c % 5) + (method == "trix")))
+    layout = paper.paper_layout("table1", pd.DataFrame(rows))
+    assert len(layout.blocks) == 1 and layout.blocks[0].dataset == "digits"
+    assert any("layout of table1 is shown for digits" in n for n in layout.notes)
+    text = paper.format_paper_layout(layout, "md")
+    assert "TRADES + TRIX" in text and "TRADES + BAT | –" in text

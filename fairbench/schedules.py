@@ -8,10 +8,12 @@ from fairbench.errors import UnknownNameError
 
 
 def bag_of_tricks(epoch: int, epochs: int) -> float:
-    """DAFA/TRIX protocol: x1, then x0.1 from epoch E-10, x0.01 from E-5 (E=150: 0.1 / 0.01 at 140 / 0.001 at 145)."""
-    if epoch >= epochs - 5:
+    """DAFA/TRIX protocol: x1, then x0.1 from epoch E-10, x0.01 from E-5 (E=150: 0.1 / 0.01 at 140 / 0.001 at 145;
+    E=110: 100 / 105). Runs shorter than 20 epochs keep the decays to the last half and last quarter
+    (E=6: 0.1 for epochs 1-2, 0.01 for 3-4, 0.001 for 5-6), so a small-scale run still trains."""
+    if epoch >= max(epochs - 5, math.ceil(0.75 * epochs)):
         return 0.01
-    if epoch >= epochs - 10:
+    if epoch >= max(epochs - 10, math.ceil(0.5 * epochs)):
         return 0.1
     return 1.0
 

@@ -109,7 +109,7 @@ def test_fairbench_eval_aa_on_a_digits_run(tmp_path):
                     "--eval-per-class", "10", "--set", "steps=2", "--eval-last", "1", "--out", str(out), "-q"],
                    check=True, capture_output=True)
     ev = subprocess.run(["fairbench", "eval", str(out), "--attack", "aa", "--checkpoints", "final",
-                         "--n-examples", "20", "--eps", "0.1", "-q"], capture_output=True, text=True)
+                         "--n-examples", "20", "-q"], capture_output=True, text=True)
     assert ev.returncode == 0, ev.stderr
     table = subprocess.run(["fairbench", "table", "--results", str(out), "--format", "csv"],
                            capture_output=True, text=True, check=True).stdout

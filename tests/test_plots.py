@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +12,11 @@ import pytest
 from matplotlib.container import BarContainer
 
 from fairbench import plots
-from fairbench.cli import main
 from fairbench.errors import FairbenchError
 from fairbench.evalrun import eps_suite_name, evaluate_run, split_suite_name
 from fairbench.runner import run_one
 from fairbench.spec import RunSpec
+from tests.conftest import run_cli
 
 METHODS = ("trades", "dafa", "trix")
 CLASSES = [str(i) for i in range(10)]
@@ -43,18 +42,7 @@ def grid(tmp_path_factory) -> dict[str, Path]:
     return {"root": out, **folders}
 
 
-def fairbench(args: list[str], capsys) -> tuple[int, str, str]:
-    """The command line as `fairbench ARGS` runs it: (exit code, stdout, stderr)."""
-    old, sys.argv = sys.argv, ["fairbench", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 0
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
+fairbench = run_cli  # the command line in this process
 
 
 def bars(ax) -> list[BarContainer]:

@@ -152,8 +152,7 @@ def eval_cmd(targets, attack, checkpoints, n_examples, eval_eps, eps_sweep, data
 
     A killed evaluation resumes where it stopped when started again.
     """
-    from fairbench.data import get_dataset_info
-    from fairbench.evalrun import evaluate_run, load_run_spec
+    from fairbench.evalrun import evaluate_run
     from fairbench.progress import RichReporter
 
     source = click.get_current_context().get_parameter_source("attack")
@@ -173,13 +172,9 @@ def eval_cmd(targets, attack, checkpoints, n_examples, eval_eps, eps_sweep, data
         folders.extend(runs or [target])
     with RichReporter(err_console, quiet=quiet) as reporter:
         for folder in folders:
-            per_class = None
-            if n_examples:
-                spec, _ = load_run_spec(folder if folder.suffix != ".pt" else folder.parent.parent)
-                per_class = max(1, n_examples // len_classes(get_dataset_info(spec.dataset), spec, data_dir))
             for eps in radii:
-                evaluate_run(folder, attacks, checkpoints, per_class, eps, data_dir, device, reporter,
-                             label_eps=bool(eps_sweep))
+                evaluate_run(folder, attacks, checkpoints, None, eps, data_dir, device, reporter,
+                             label_eps=bool(eps_sweep), n_examples=n_examples)
     if not quiet:
         err_console.print(f"done: {len(folders)} run(s); `fairbench table` shows the new columns")
 
@@ -197,12 +192,6 @@ def _eps_sweep(text: str, eval_eps: str | None, attacks: list[str]) -> list[floa
         if len({create_attack(a, e).eps for e in radii}) < len(set(radii)):
             raise FairbenchError(f"attack {a!r} has a fixed radius and ignores --eps-sweep; sweep pgd20")
     return radii
-
-
-def len_classes(info, spec, data_dir) -> int:
-    from fairbench.data import load_dataset
-
-    return load_dataset(spec.dataset, data_dir or spec.data_dir).num_classes
 
 
 @cli.command()

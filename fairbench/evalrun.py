@@ -23,7 +23,7 @@ from fairbench.data import load_dataset
 from fairbench.data.loader import DeviceSplit, stratified_subset
 from fairbench.engine import Reporter, SilentReporter, Trainer, select_device
 from fairbench.errors import FairbenchError
-from fairbench.evaluate import evaluate_split, per_class_counts
+from fairbench.evaluate import canonical_order, evaluate_split, per_class_counts
 from fairbench.results import CLASSWISE_COLUMNS, write_json, write_parquet
 from fairbench.spec import ResolvedRun, RunSpec, provenance, resolve
 
@@ -44,10 +44,7 @@ def evaluate_resumable(model: nn.Module, split: DeviceSplit, attacks: list[str],
         frame = evaluate_split(model, chunk, attacks, eps, batch_size, seed)
         write_parquet(path, frame)
         frames.append(frame)
-    samples = pd.concat(frames, ignore_index=True)
-    rank = samples["suite"].map({name: i for i, name in enumerate(["clean", *attacks])})
-    order = np.lexsort((samples["sample_idx"].to_numpy(), samples["order"].to_numpy(), rank.to_numpy()))
-    return samples.iloc[order].reset_index(drop=True)
+    return canonical_order(pd.concat(frames, ignore_index=True), attacks)
 
 
 def eval_split(resolved: ResolvedRun, dataset, device: torch.device, per_class: int | None) -> DeviceSplit:
@@ -146,7 +143,8 @@ def load_run_spec(folder: Path) -> tuple[RunSpec, dict]:
 
 def evaluate_run(folder: Path, attacks: list[str], checkpoints: str = "last5", per_class: int | None = None,
                  eps: float | None = None, data_dir: str | None = None, device: str = "auto",
-                 reporter: Reporter | None = None, label_eps: bool = False) -> Path:
+                 reporter: Reporter | None = None, label_eps: bool = False,
+                 n_examples: int | None = None) -> Path:
     """Add the records of `attacks` on the chosen checkpoints of a finished run to its result files.
 
     `label_eps`: store each suite as `eps_suite_name` (e.g. 'pgd20@4/255'), so evaluations at several radii
@@ -168,6 +166,8 @@ def evaluate_run(folder: Path, attacks: list[str], checkpoints: str = "last5", p
     epochs = select_epochs(sorted(list_checkpoints(folder / "checkpoints")), checkpoints)
     eps = spec.eval_eps if eps is None else eps
     label_eps = label_eps or eps != spec.eval_eps
+    if n_examples and not per_class:  # about N images: the first N/C of each class
+        per_class = max(1, n_examples // dataset.num_classes)
     split = eval_split(resolved, dataset, trainer.device, per_class)
     reporter.message(f"{resolved.run_id}: {', '.join(attacks)} on epochs {epochs}, {len(split)} test samples")
     t0 = time.perf_counter()

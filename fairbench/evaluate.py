@@ -107,9 +107,15 @@ def evaluate_split(model: nn.Module, split: DeviceSplit, attacks: list[str | Eva
             for p in trainable:
                 p.requires_grad_(True)
     frame = pd.DataFrame({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
-    rank = frame["suite"].map({name: i for i, name in enumerate(["clean", *[n for n, _ in suites]])})
-    order = np.lexsort((frame["sample_idx"].to_numpy(), frame["order"].to_numpy(), rank.to_numpy()))
-    return frame.iloc[order].reset_index(drop=True)  # canonical order, whatever the batch size
+    return canonical_order(frame, [n for n, _ in suites])
+
+
+def canonical_order(samples: pd.DataFrame, suites: list[str]) -> pd.DataFrame:
+    """Records sorted by (suite as listed after clean, cascade position, sample index): the same frame
+    whatever the batch size or chunking."""
+    rank = samples["suite"].map({name: i for i, name in enumerate(["clean", *suites])})
+    order = np.lexsort((samples["sample_idx"].to_numpy(), samples["order"].to_numpy(), rank.to_numpy()))
+    return samples.iloc[order].reset_index(drop=True)
 
 
 def _suite(attack: str | EvalAttack, eps: float) -> tuple[str, EvalAttack]:

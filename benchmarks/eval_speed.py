@@ -2,12 +2,15 @@
 
 The reference is torchattacks 3.5.1's components configured with AutoAttack's standard settings
 (APGD-CE, APGD-T 9 targets, FAB-T 9 targets, 100 iterations each, Square 5000 queries without schedule
-rescaling), chained with its MultiAttack. fairbench runs `aa` in reference-RNG mode so that the per-sample
-flags can be compared one to one; its speed comes from exact savings (no work on samples once broken,
-clean logits reused, input-only gradients). Prints images/s of each, the ratio and the flag agreement.
+rescaling), chained with its MultiAttack. fairbench runs `aa` as users get it: per-sample random streams,
+targets side by side, Square's unchanged proposals answered from memory, and a search model with
+BatchNorm folded and channels_last (verdicts by the unmodified model in strict fp32). Prints images/s of
+each, the ratio and how many per-sample robust flags agree. `--reference-rng` adds fairbench in the
+reference's draw order on the unmodified model (flags identical by construction); `--bf16` adds a bf16
+search (opt-in, evaluation.md 12.2).
 
     pip install --no-deps torchattacks==3.5.1   # reference only; scipy must be installed
-    python benchmarks/eval_speed.py --n 200
+    python benchmarks/eval_speed.py --n 200 --reference-rng --bf16
     python benchmarks/eval_speed.py --dataset cifar10-subset --data-dir ../shared/data --arch resnet18 --device cuda
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 import torch
 
 from fairbench.attacks.autoattack import AutoAttack
+from fairbench.attacks.search import EXACT, SearchSettings
 from fairbench.data import load_dataset
 from fairbench.data.loader import DeviceSplit, stratified_subset
 from fairbench.engine import SilentReporter, Trainer, select_device
@@ -65,6 +69,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200, help="test images (stratified)")
     parser.add_argument("--eps", type=float, default=8 / 255)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--reference-rng", action="store_true", help="also run fairbench in reference-RNG mode")
+    parser.add_argument("--bf16", action="store_true", help="also run fairbench with a bf16 search")
     args = parser.parse_args()
     device = select_device(args.device)
     model, dataset = train_model(args, device)
@@ -74,24 +80,29 @@ def main() -> None:
     y = split.labels
 
     t0 = time.perf_counter()
-    ours = evaluate_split(model, split, [AutoAttack(args.eps, reference_rng=True)], args.eps, len(split), seed=0)
-    our_time = time.perf_counter() - t0
-    flags = robust_flags(ours)
-    our_robust = torch.as_tensor(flags[flags.suite == "autoattack"].sort_values("sample_idx")["correct"].to_numpy())
-
-    t0 = time.perf_counter()
     adv = reference_chain(model, args.eps, dataset.num_classes)(x, y)
     ref_time = time.perf_counter() - t0
     with torch.no_grad():
         ref_robust = (model(adv).argmax(1) == y).cpu()
-
     n = len(y)
-    print(f"AutoAttack standard, eps {args.eps:.5f}, {n} {args.dataset} test images, device {device}")
-    print(f"reference chain (torchattacks components): {ref_time:8.1f} s  {n / ref_time:8.2f} images/s  "
+    print(f"AutoAttack standard, eps {args.eps:.5f}, {n} {args.dataset} test images, device {device}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'reference chain (torchattacks components)':44s} {ref_time:8.1f} s  {n / ref_time:8.2f} images/s  "
           f"robust {ref_robust.float().mean():.4f}")
-    print(f"fairbench aa (reference-RNG mode):          {our_time:8.1f} s  {n / our_time:8.2f} images/s  "
-          f"robust {our_robust.float().mean():.4f}")
-    print(f"speed ratio: {ref_time / our_time:.2f}x; per-sample flags agree on {int((ref_robust == our_robust).sum())}/{n}")
+
+    variants = [("fairbench aa", AutoAttack(args.eps), SearchSettings())]
+    if args.reference_rng:
+        variants.append(("fairbench aa, reference RNG, exact model", AutoAttack(args.eps, reference_rng=True), EXACT))
+    if args.bf16:
+        variants.append(("fairbench aa, bf16 search", AutoAttack(args.eps), SearchSettings(precision="bf16")))
+    for label, attack, search in variants:
+        t0 = time.perf_counter()
+        samples = evaluate_split(model, split, [attack], args.eps, len(split), seed=0, search=search)
+        seconds = time.perf_counter() - t0
+        flags = robust_flags(samples)
+        robust = torch.as_tensor(flags[flags.suite == "autoattack"].sort_values("sample_idx")["correct"].to_numpy())
+        print(f"{label:44s} {seconds:8.1f} s  {n / seconds:8.2f} images/s  robust {robust.float().mean():.4f}  "
+              f"speed ratio {ref_time / seconds:.2f}x  flags agree {int((ref_robust == robust).sum())}/{n}")
 
 
 if __name__ == "__main__":

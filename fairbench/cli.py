@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from fairbench.config import field_docs, parse_number
+from fairbench.config import ATTACK_PRECISION_HELP, ATTACK_PRECISIONS, field_docs, parse_number
 from fairbench.errors import FairbenchError
 
 console = Console()
@@ -78,6 +78,8 @@ def cli() -> None:
 @click.option("--attack", default="pgd20", show_default=True, help="Comma-separated evaluation attacks.")
 @click.option("--eps", "eval_eps", default="8/255", show_default=True, help="Evaluation L-inf radius.")
 @click.option("--eval-last", type=int, default=5, show_default=True, help="Evaluate the last k checkpoints.")
+@click.option("--attack-precision", type=click.Choice(ATTACK_PRECISIONS), default="auto", show_default=True,
+              help=ATTACK_PRECISION_HELP)
 @click.option("--train-per-class", type=int, default=None, help="Train on the first N images of each class.")
 @click.option("--eval-per-class", type=int, default=None, help="Evaluate on the first N test images of each class.")
 @click.option("--data-dir", default=None, help="Dataset root (default $FAIRBENCH_DATA or ./data).")
@@ -88,7 +90,7 @@ def cli() -> None:
 @click.option("--plugins", multiple=True, help="Import these modules first (unpackaged local methods).")
 @click.option("--quiet", "-q", is_flag=True)
 def run(methods, config_path, scale, dataset, seeds, arch, epochs, batch_size, lr, schedule, weight_decay, protocol, init_from,
-        hot_start_epochs, sets, attack, eval_eps, eval_last,
+        hot_start_epochs, sets, attack, eval_eps, eval_last, attack_precision,
         train_per_class, eval_per_class, data_dir, device, amp, out, resume, plugins, quiet) -> None:
     """Train every (method, seed) on DATASET, evaluate the last checkpoints, write per-class parquet."""
     from fairbench.progress import RichReporter
@@ -107,7 +109,7 @@ def run(methods, config_path, scale, dataset, seeds, arch, epochs, batch_size, l
             raise FairbenchError("--scale needs --config")
         specs = _cli_specs(methods, dataset, seeds, arch, epochs, batch_size, lr, schedule, weight_decay, protocol,
                            init_from, hot_start_epochs, sets, attack, eval_eps, eval_last, train_per_class,
-                           eval_per_class, data_dir, device, amp)
+                           eval_per_class, data_dir, device, amp, attack_precision)
     for spec in specs:
         resolve(spec)  # every name and option checked before anything trains
     with RichReporter(err_console, quiet=quiet) as reporter:
@@ -120,7 +122,7 @@ def run(methods, config_path, scale, dataset, seeds, arch, epochs, batch_size, l
 
 def _cli_specs(methods, dataset, seeds, arch, epochs, batch_size, lr, schedule, weight_decay, protocol, init_from,
                hot_start_epochs, sets, attack, eval_eps, eval_last, train_per_class, eval_per_class, data_dir,
-               device, amp) -> list:
+               device, amp, attack_precision="auto") -> list:
     from fairbench.spec import RunSpec, check_overrides
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
@@ -130,7 +132,8 @@ def _cli_specs(methods, dataset, seeds, arch, epochs, batch_size, lr, schedule, 
                      schedule=schedule, weight_decay=weight_decay, protocol=protocol, init_from=init_from,
                      hot_start_epochs=hot_start_epochs, overrides=overrides, train_per_class=train_per_class,
                      eval_per_class=eval_per_class, attacks=tuple(a.strip() for a in attack.split(",") if a.strip()),
-                     eval_eps=parse_number(eval_eps), eval_last=eval_last, data_dir=data_dir, device=device, amp=amp)
+                     eval_eps=parse_number(eval_eps), eval_last=eval_last, data_dir=data_dir, device=device, amp=amp,
+                     attack_precision=attack_precision)
              for m in names for s in _parse_seeds(seeds)]
 
 
@@ -144,10 +147,12 @@ def _cli_specs(methods, dataset, seeds, arch, epochs, batch_size, lr, schedule, 
 @click.option("--eps-sweep", default=None, metavar="E1,E2,...",
               help="Evaluate at each radius, in /255 (0,2,4,8,16,32); rows are stored as SUITE@E/255 "
                    "(`fairbench plot --kind eps`). Without --attack, sweeps pgd20 only.")
+@click.option("--attack-precision", type=click.Choice(ATTACK_PRECISIONS), default=None, help=ATTACK_PRECISION_HELP + " Default: the run's.")
 @click.option("--data-dir", default=None)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", "-q", is_flag=True)
-def eval_cmd(targets, attack, checkpoints, n_examples, eval_eps, eps_sweep, data_dir, device, quiet) -> None:
+def eval_cmd(targets, attack, checkpoints, n_examples, eval_eps, eps_sweep, attack_precision, data_dir, device,
+             quiet) -> None:
     """Evaluate finished runs (RUN_DIR, a checkpoint file, or a results folder) and add the rows to their results.
 
     A killed evaluation resumes where it stopped when started again.
@@ -174,7 +179,7 @@ def eval_cmd(targets, attack, checkpoints, n_examples, eval_eps, eps_sweep, data
         for folder in folders:
             for eps in radii:
                 evaluate_run(folder, attacks, checkpoints, None, eps, data_dir, device, reporter,
-                             label_eps=bool(eps_sweep), n_examples=n_examples)
+                             label_eps=bool(eps_sweep), n_examples=n_examples, precision=attack_precision)
     if not quiet:
         err_console.print(f"done: {len(folders)} run(s); `fairbench table` shows the new columns")
 

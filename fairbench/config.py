@@ -79,3 +79,8 @@ def field_docs(config_cls: type) -> dict[str, str]:
             if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
                 docs[node.target.id] = str(nxt.value.value).strip()
     return docs
+
+
+ATTACK_PRECISIONS: tuple[str, ...] = ("auto", "fp32", "tf32", "bf16")
+ATTACK_PRECISION_HELP = ("Precision attacks search in (verdicts are always strict fp32): auto = TF32 on CUDA, fp32 on "
+                         "CPU; bf16 is faster and opt-in (A/B-check it, evaluation.md 12.2).")

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from fairbench.attacks.registry import create_attack
+from fairbench.attacks.search import SearchSettings
 from fairbench.checkpoint import list_checkpoints, load_checkpoint
 from fairbench.data import load_dataset
 from fairbench.data.loader import DeviceSplit, stratified_subset
@@ -31,7 +32,7 @@ PARTIAL = "partial_eval"
 
 
 def evaluate_resumable(model: nn.Module, split: DeviceSplit, attacks: list[str], eps: float, batch_size: int,
-                       seed: int, partial_dir: Path) -> pd.DataFrame:
+                       seed: int, partial_dir: Path, search: SearchSettings = SearchSettings()) -> pd.DataFrame:
     """`evaluate_split` chunk by chunk, each chunk's records saved as soon as it is done."""
     frames = []
     for start in range(0, len(split), batch_size):
@@ -41,7 +42,7 @@ def evaluate_resumable(model: nn.Module, split: DeviceSplit, attacks: list[str],
             frames.append(pd.read_parquet(path))
             continue
         chunk = split.subset(torch.arange(start, min(start + batch_size, len(split)), device=split.labels.device))
-        frame = evaluate_split(model, chunk, attacks, eps, batch_size, seed)
+        frame = evaluate_split(model, chunk, attacks, eps, batch_size, seed, search)
         write_parquet(path, frame)
         frames.append(frame)
     return canonical_order(pd.concat(frames, ignore_index=True), attacks)
@@ -54,18 +55,21 @@ def eval_split(resolved: ResolvedRun, dataset, device: torch.device, per_class: 
 
 
 def evaluate_epochs(trainer: Trainer, epochs: list[int], attacks: list[str], eps: float, split: DeviceSplit,
-                    folder: Path, reporter: Reporter) -> pd.DataFrame:
-    """Per-sample records (with an `epoch` column) of `attacks` on each checkpoint epoch."""
+                    folder: Path, reporter: Reporter, precision: str | None = None) -> pd.DataFrame:
+    """Per-sample records (with an `epoch` column) of `attacks` on each checkpoint epoch, searching in
+    `precision` (default: the run's)."""
     resolved = trainer.resolved
+    precision = precision or resolved.spec.attack_precision
+    search = SearchSettings(precision=precision)
     found = list_checkpoints(folder / "checkpoints")
     frames = []
     for epoch in epochs:
         t0 = time.perf_counter()
         trainer.restore(load_checkpoint(found[epoch], resolved.run_id, resolved.config_hash))
         model = trainer.method.eval_model(trainer.model)
-        part = folder / PARTIAL / f"epoch_{epoch:04d}_{'+'.join(attacks)}_{eps:.8f}"
+        part = folder / PARTIAL / f"epoch_{epoch:04d}_{'+'.join(attacks)}_{eps:.8f}_{precision}"
         samples = evaluate_resumable(model, split, attacks, eps, resolved.spec.eval_batch_size,
-                                     resolved.spec.seed, part)
+                                     resolved.spec.seed, part, search)
         samples.insert(0, "epoch", epoch)
         frames.append(samples)
         reporter.message(f"  evaluated epoch {epoch} ({', '.join(['clean', *attacks])}) "
@@ -144,7 +148,7 @@ def load_run_spec(folder: Path) -> tuple[RunSpec, dict]:
 def evaluate_run(folder: Path, attacks: list[str], checkpoints: str = "last5", per_class: int | None = None,
                  eps: float | None = None, data_dir: str | None = None, device: str = "auto",
                  reporter: Reporter | None = None, label_eps: bool = False,
-                 n_examples: int | None = None) -> Path:
+                 n_examples: int | None = None, precision: str | None = None) -> Path:
     """Add the records of `attacks` on the chosen checkpoints of a finished run to its result files.
 
     `label_eps`: store each suite as `eps_suite_name` (e.g. 'pgd20@4/255'), so evaluations at several radii
@@ -171,13 +175,15 @@ def evaluate_run(folder: Path, attacks: list[str], checkpoints: str = "last5", p
     split = eval_split(resolved, dataset, trainer.device, per_class)
     reporter.message(f"{resolved.run_id}: {', '.join(attacks)} on epochs {epochs}, {len(split)} test samples")
     t0 = time.perf_counter()
-    samples = evaluate_epochs(trainer, epochs, [a for a in attacks if a != "clean"], eps, split, folder, reporter)
+    precision = precision or spec.attack_precision
+    samples = evaluate_epochs(trainer, epochs, [a for a in attacks if a != "clean"], eps, split, folder, reporter,
+                              precision)
     names = None
     if label_eps:
         names = {a: eps_suite_name(a, e) for a, e in suite_eps(attacks, eps).items() if a != "clean"}
         samples["suite"] = samples["suite"].map(lambda suite: names.get(suite, suite))
     merge_results(folder, samples, resolved, dataset.class_names, meta, attacks, eps, time.perf_counter() - t0,
-                  names)
+                  names, precision)
     return folder
 
 
@@ -195,7 +201,7 @@ def merge_samples(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
 
 def merge_results(folder: Path, samples: pd.DataFrame, resolved: ResolvedRun, class_names: tuple[str, ...],
                   meta: dict, attacks: list[str], eps: float, seconds: float,
-                  suite_names: dict[str, str] | None = None) -> None:
+                  suite_names: dict[str, str] | None = None, precision: str = "auto") -> None:
     """Merge the new records into the run's files and recompute its per-class table, atomically.
 
     `suite_names` maps an attack to the suite name its records carry (eps sweeps); default: the attack's name.
@@ -209,7 +215,7 @@ def merge_results(folder: Path, samples: pd.DataFrame, resolved: ResolvedRun, cl
     meta = dict(meta)
     meta.setdefault("attacks", {}).update(
         {names.get(a, a): create_attack(a, eps).settings() for a in attacks if a != "clean"})
-    evaluation = {"attacks": attacks, "eps": eps, "seconds": seconds,
+    evaluation = {"attacks": attacks, "eps": eps, "seconds": seconds, "attack_precision": precision,
                   "epochs": sorted(set(samples["epoch"].tolist()))}
     if names:
         evaluation["suites"] = [names.get(a, a) for a in attacks]

@@ -4,8 +4,7 @@ Tables are built from these records (`per_class_counts`), never by re-scoring ad
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
+from typing import ContextManager
 
 import numpy as np
 import pandas as pd
@@ -15,6 +14,7 @@ from torch import Tensor
 
 from fairbench.attacks.pgd import project
 from fairbench.attacks.registry import EvalAttack, create_attack
+from fairbench.attacks.search import SearchSettings, search_model, tf32_allowed
 from fairbench.attacks.training import eval_mode
 from fairbench.data.loader import DeviceSplit, eval_batches
 
@@ -23,15 +23,9 @@ class InfeasibleAdversarialError(RuntimeError):
     """An attack returned a point outside the eps-ball or the [0, 1] box: a bug in the attack."""
 
 
-@contextmanager
-def strict_fp32() -> Iterator[None]:
+def strict_fp32() -> ContextManager[None]:
     """TF32 off for the verdict (allowed for search only)."""
-    cuda = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = cuda
+    return tf32_allowed(False)
 
 
 def margins(logits: Tensor, y: Tensor) -> Tensor:
@@ -62,13 +56,14 @@ def _records(suite: str, component: str, order: int, ids: Tensor, y: Tensor, att
     }
 
 
-def _attack_batch(model: nn.Module, suite: str, attack: EvalAttack, x: Tensor, y: Tensor, ids: Tensor,
-                  clean_correct: Tensor, seed: int) -> list[dict[str, np.ndarray]]:
-    """Run a suite's components in cascade order. `robust` is updated in place after each component's
-    fp32 verification, so the next component attacks only the samples still standing."""
+def _attack_batch(model: nn.Module, searcher: nn.Module, suite: str, attack: EvalAttack, x: Tensor, y: Tensor,
+                  ids: Tensor, clean_correct: Tensor, seed: int) -> list[dict[str, np.ndarray]]:
+    """Run a suite's components in cascade order, searching with `searcher`. `robust` is updated in place
+    after each component's verification by `model` in strict fp32, so the next component attacks only
+    the samples still standing."""
     out = []
     robust = clean_correct.clone()
-    for order, comp in enumerate(attack.run(model, x, y, ids, seed, robust), start=1):
+    for order, comp in enumerate(attack.run(searcher, x, y, ids, seed, robust), start=1):
         attempted = robust.clone()
         x_adv = project(comp.x_adv, x, attack.eps)  # canonicalise (a no-op for PGD, APGD, Square)
         if not torch.equal(project(x_adv, x, attack.eps), x_adv) or not torch.isfinite(x_adv).all():
@@ -84,9 +79,11 @@ def _attack_batch(model: nn.Module, suite: str, attack: EvalAttack, x: Tensor, y
 
 
 def evaluate_split(model: nn.Module, split: DeviceSplit, attacks: list[str | EvalAttack], eps: float,
-                   batch_size: int = 256, seed: int = 0) -> pd.DataFrame:
+                   batch_size: int = 256, seed: int = 0,
+                   search: SearchSettings | None = SearchSettings()) -> pd.DataFrame:
     """Per-sample records for `clean` and every attack suite in `attacks` (registered names at radius `eps`,
-    or `EvalAttack` instances, recorded under their `name` or class name), in eval mode."""
+    or `EvalAttack` instances, recorded under their `name` or class name), in eval mode. Attacks search
+    with the model prepared by `search` (None: the model itself); verdicts always use the model itself."""
     suites = [_suite(a, eps) for a in attacks if a != "clean"]
     parts: list[dict[str, np.ndarray]] = []
     with eval_mode(model):
@@ -94,6 +91,7 @@ def evaluate_split(model: nn.Module, split: DeviceSplit, attacks: list[str | Eva
         for p in trainable:  # input gradients only; restored afterwards
             p.requires_grad_(False)
         try:
+            searcher = search_model(model, search) if suites else model
             for x, y, ids in eval_batches(split, batch_size):
                 pred, margin = _verdict(model, x, y)
                 correct = pred == y
@@ -102,7 +100,7 @@ def evaluate_split(model: nn.Module, split: DeviceSplit, attacks: list[str | Eva
                                       pred, margin, torch.zeros(len(y), device=y.device)))
                 for name, attack in suites:
                     with torch.enable_grad():
-                        parts.extend(_attack_batch(model, name, attack, x, y, ids, correct, seed))
+                        parts.extend(_attack_batch(model, searcher, name, attack, x, y, ids, correct, seed))
         finally:
             for p in trainable:
                 p.requires_grad_(True)

@@ -53,6 +53,9 @@ class RunSpec:
     eval_last: int = 5
     """Evaluate the last k checkpoints (the paper averages over the last 5 epochs)."""
     eval_batch_size: int = 256
+    attack_precision: str = "auto"
+    """Attack search precision (verdicts are always strict fp32): auto (TF32 on CUDA, fp32 on CPU), fp32,
+    tf32 or bf16 (evaluation.md 12.2)."""
     data_dir: str | None = None
     device: str = "auto"
     amp: bool | None = None
@@ -95,6 +98,8 @@ class ResolvedRun:
     def as_dict(self) -> dict[str, Any]:
         spec = dataclasses.asdict(self.spec)
         spec.pop("data_dir"), spec.pop("device"), spec.pop("overrides")
+        if spec["attack_precision"] == "auto":
+            spec.pop("attack_precision")  # the default leaves run ids as they were before the option existed
         spec["init_from"] = _init_key(self.spec.init_from)
         if not self.method_cls.hot_start:
             spec.pop("hot_start_epochs")  # meaningless for methods without a hot start: same run either way

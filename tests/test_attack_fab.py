@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fairbench.attacks.fab import FABT, linf_boundary_step
+from fairbench.attacks.fab import FAB, linf_boundary_step
 from fairbench.attacks.pgd import project
 from fairbench.attacks.registry import create_attack
 from fairbench.data import load_dataset
@@ -88,11 +88,14 @@ def _linear_problem(n: int = 96, seed: int = 0) -> tuple[nn.Module, DeviceSplit,
     return model, DeviceSplit(images, y, torch.arange(n)), radius
 
 
-def test_linear_known_answer_soundness_and_completeness():
+@pytest.mark.parametrize("suite", ["fab-t", "fab"])
+def test_linear_known_answer_soundness_and_completeness(suite):
+    """FAB-T and untargeted FAB (the closest boundary of all C classes) both find the minimal perturbation
+    of a linear model."""
     model, split, radius = _linear_problem()
-    frame = evaluate_split(model, split, ["fab-t"], EPS, batch_size=96)
+    frame = evaluate_split(model, split, [suite], EPS, batch_size=96)
     clean = frame[frame.suite == "clean"].set_index("sample_idx")
-    fab = frame[frame.suite == "fab-t"].set_index("sample_idx").loc[np.arange(len(split))]
+    fab = frame[frame.suite == suite].set_index("sample_idx").loc[np.arange(len(split))]
     assert not clean.success.any()  # labels are the clean predictions
     sure_robust = (radius > EPS * (1 + 1e-6)).numpy()
     sure_broken = (radius < 0.95 * EPS).numpy()
@@ -109,7 +112,7 @@ def test_eps_zero_inactive_samples_and_exact_feasibility():
     assert not zero[zero.suite == "fab-t"].success.any()
     active = torch.arange(24) % 3 != 0
     eps = 0.2  # large enough to break every active sample
-    out = next(FABT(eps).run(model, x, y, torch.arange(24), 0, active))
+    out = next(FAB(eps).run(model, x, y, torch.arange(24), 0, active))
     assert out.component == "fab-t"
     assert torch.equal(out.x_adv[~active], x[~active])  # inactive: returned unchanged, bit for bit
     assert torch.equal(project(out.x_adv, x, eps), out.x_adv)  # feasible: P reproduces it bit for bit
@@ -119,7 +122,7 @@ def test_eps_zero_inactive_samples_and_exact_feasibility():
 
 def test_registered_and_batch_size_independent():
     attack = create_attack("fab-t", EPS)
-    assert isinstance(attack, FABT)
+    assert isinstance(attack, FAB)
     assert {"steps": 100, "n_target_classes": 9, "restarts": 1, "random_start": False, "alpha_max": 0.1,
             "eta": 1.05, "beta": 0.9}.items() <= attack.settings().items()
     model = trained_digits_model()
@@ -140,11 +143,11 @@ def test_class_count_limits():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).eval()
     x = torch.rand(5, 1, 2, 2)
     y = model(x).argmax(1).detach()
-    out = FABT(0.5, steps=5).perturb(model, x, y, torch.ones(5, dtype=torch.bool))  # C = 2: one target
+    out = FAB(0.5, steps=5).perturb(model, x, y, torch.ones(5, dtype=torch.bool))  # C = 2: one target
     assert torch.equal(project(out, x, 0.5), out)
     with pytest.raises(ValueError):
         one_class = nn.Sequential(nn.Flatten(), nn.Linear(4, 1)).eval()
-        FABT(0.5).perturb(one_class, x, torch.zeros(5, dtype=torch.long), torch.ones(5, dtype=torch.bool))
+        FAB(0.5).perturb(one_class, x, torch.zeros(5, dtype=torch.long), torch.ones(5, dtype=torch.bool))
 
 
 # --- reference: torchattacks 3.5.1 (test-only, installed with --no-deps) -----------------------------------
@@ -185,7 +188,7 @@ def test_fab_t_equals_torchattacks(eps):
                            n_classes=10, seed=0)(x, y)
     with torch.no_grad():
         active = model(x).argmax(1) == y
-        ours = FABT(eps).perturb(model, x, y, active)
+        ours = FAB(eps).perturb(model, x, y, active)
         ref_broken = model(ref).argmax(1) != y
         our_broken = model(ours).argmax(1) != y
     assert torch.equal(our_broken & active, ref_broken & active)

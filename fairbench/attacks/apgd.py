@@ -17,9 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from fairbench.attacks.lanes import lane_rows, run_all
 from fairbench.attacks.pgd import project
 from fairbench.attacks.registry import ComponentOutput, EvalAttack, register_attack
 from fairbench.attacks.rng import per_sample_uniform
+from fairbench.attacks.search import confirmed_misclassified
 
 Loss = Literal["ce", "dlr", "dlr-targeted"]
 NoiseFn = Callable[[Tensor, int], Tensor]
@@ -77,18 +79,20 @@ def _loss_and_grad(model: nn.Module, x_adv: Tensor, y: Tensor, kind: Loss, targe
 
 def apgd_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, kind: Loss, noise: Tensor,
              target: Tensor | None = None, rho: float = 0.75, eot: int = 1,
-             early_stop: bool = False) -> tuple[Tensor, Tensor]:
+             early_stop: bool = False, group: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One APGD run on a batch. Returns (still correct after the run, a misclassified iterate or the start).
 
     Without `early_stop` every sample runs all iterations and the *latest* misclassified iterate is
     returned, as in the reference. With it, a sample leaves the working batch at its first misclassified
     iterate (that point is returned): the success flags are identical, since samples do not interact in
     eval mode and "ever misclassified" cannot be undone, and broken samples cost nothing further.
+    `group` (with `early_stop`) ties rows that are copies of one sample (its targets and restarts run side
+    by side): when one copy breaks the sample, all its copies stop.
     """
     n = len(x)
     x_adv = (x + eps * noise / noise.flatten(1).abs().amax(1).reshape(-1, *[1] * (x.dim() - 1))).clamp(0.0, 1.0)
     loss, logits, grad = _loss_and_grad(model, x_adv, y, kind, target, eot)
-    correct_all = logits.argmax(1) == y
+    correct_all = ~confirmed_misclassified(model, x_adv, y, logits.argmax(1) != y)
     adv_all = x_adv.clone()
     live = torch.arange(n, device=x.device)
     s = {"x": x, "y": y, "x_adv": x_adv, "x_best": x_adv.clone(), "grad": grad, "grad_best": grad.clone(),
@@ -98,6 +102,8 @@ def apgd_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, kin
          "history": torch.zeros(n, steps, device=x.device), "x_prev": x_adv.clone()}
     if target is not None:
         s["target"] = target
+    if group is not None:
+        s["group"] = group
     if early_stop:
         s, live = _drop_broken(s, live)
     windows = checkpoint_windows(steps)
@@ -112,7 +118,7 @@ def apgd_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, kin
             z = project(s["x_adv"] + s["step"] * s["grad"].sign(), s["x"], eps)
             s["x_adv"] = project(s["x_adv"] + (z - s["x_adv"]) * a + momentum * (1 - a), s["x"], eps)
         loss, logits, s["grad"] = _loss_and_grad(model, s["x_adv"], s["y"], kind, s.get("target"), eot)
-        pred_ok = logits.argmax(1) == s["y"]
+        pred_ok = ~confirmed_misclassified(model, s["x_adv"], s["y"], logits.argmax(1) != s["y"])
         s["correct"] &= pred_ok
         adv_all[live] = torch.where(_b(~pred_ok, s["x_adv"]), s["x_adv"], adv_all[live])
         correct_all[live] = s["correct"]
@@ -136,10 +142,14 @@ def apgd_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, kin
 
 
 def _drop_broken(state: dict[str, Tensor], live: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-    """Keep only the samples still correctly classified (a host sync; evaluation only)."""
+    """Keep only the samples still correctly classified, and of grouped rows only the groups that no row
+    has broken yet (a host sync; evaluation only)."""
     keep = state["correct"]
     if bool(keep.all()):
         return state, live
+    if "group" in state:
+        broken_groups = state["group"][~keep]
+        keep = keep & ~torch.isin(state["group"], broken_groups)
     return {k: v[keep] for k, v in state.items()}, live[keep]
 
 
@@ -161,6 +171,9 @@ class APGD(EvalAttack):
     component: str = "apgd-ce"
     early_stop: bool = True
     """Stop a sample at its first misclassified iterate (same flags, less work; evaluation.md 14.2)."""
+    side_by_side: bool = True
+    """Run all targets and restarts of a sample in one batch (same flags; `fairbench.attacks.lanes`).
+    Reference-RNG mode (`start_noise`) always runs them one after the other, as the reference does."""
     start_noise: NoiseFn | None = field(default=None, repr=False)
 
     def settings(self) -> dict:
@@ -177,28 +190,24 @@ class APGD(EvalAttack):
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor, seed: int,
                 active: Tensor) -> Tensor:
         """Adversarial points for the active samples (clean points elsewhere and where the attack failed)."""
-        out = x.clone()
-        robust = active.clone()
-        targets = [None]
+        targets: list[Tensor | None] = [None]
         if self.loss == "dlr-targeted":
             with torch.no_grad():
                 ranking = model(x).float().sort(dim=1)[1]
             n = min(self.n_targets, ranking.shape[1] - 1)
             targets = [ranking[:, -k] for k in range(2, n + 2)]
-        run = 0
-        for target in targets:
-            for _ in range(self.restarts):
-                idx = robust.nonzero().squeeze(1)
-                if len(idx):
-                    noise = self._noise(x[idx], sample_ids[idx], seed, run)
-                    still, x_adv = apgd_run(model, x[idx], y[idx], self.eps, self.steps, self.loss, noise,
-                                            None if target is None else target[idx], self.rho, self.eot,
-                                            self.early_stop)
-                    broken = idx[~still]
-                    out[broken] = x_adv[~still]
-                    robust[broken] = False
-                run += 1
-        return out
+        runs = [t for t in targets for _ in range(self.restarts)]  # run index = position, as in the reference
+
+        def attack(idx: Tensor, group: list[int]) -> tuple[Tensor, Tensor]:
+            rows = lane_rows(len(idx), len(group), x.device)
+            noise = torch.cat([self._noise(x[idx], sample_ids[idx], seed, r) for r in group])
+            target = None if runs[0] is None else torch.cat([runs[r][idx] for r in group])
+            still, x_adv = apgd_run(model, x[idx][rows], y[idx][rows], self.eps, self.steps, self.loss, noise,
+                                    target, self.rho, self.eot, self.early_stop, group=rows)
+            return ~still, x_adv
+
+        side_by_side = self.side_by_side and self.start_noise is None  # reference RNG: the reference's order
+        return run_all(x, active, len(runs), side_by_side, attack)
 
     def _noise(self, x: Tensor, ids: Tensor, seed: int, run: int) -> Tensor:
         if self.start_noise is not None:

@@ -1,9 +1,12 @@
-"""FAB-T: targeted Fast Adaptive Boundary attack (Croce & Hein, ICML 2020), L-infinity (evaluation.md 5).
+"""FAB: Fast Adaptive Boundary attack (Croce & Hein, ICML 2020), L-infinity (evaluation.md 5).
 
-AutoAttack's standard settings: targets = the classes ranked 2, 3, ... by the clean logits (9 of them, capped
-at C - 1), run one after the other, each only on the samples no earlier target broke; 100 iterations per
-target; one restart, started at the clean point (so the attack has no randomness at all); alpha_max 0.1,
-overshoot eta 1.05, backward step beta 0.9.
+FAB-T, AutoAttack standard: targets = the classes ranked 2, 3, ... by the clean logits (9 of them, capped
+at C - 1); 100 iterations per target; one restart, started at the clean point (so the attack has no
+randomness at all); alpha_max 0.1, overshoot eta 1.05, backward step beta 0.9. Untargeted FAB (AutoAttack
+plus) steers each iteration to the closest linearised boundary (all C class gradients) and adds restarts
+from random points at distance eps/2. The reference runs targets and restarts one after the other, each on
+the samples no earlier run broke; fairbench runs them side by side (`fairbench.attacks.lanes`) and keeps
+each sample's first successful run in the reference's order, which gives the same flags.
 
 One iteration at x^k with target t: the logits and g = grad_x (z_t - z_y) linearise the decision boundary
 as the hyperplane {u : g.(u - x^k) + z_t - z_y = 0}; d1 and d2 are the smallest L-infinity steps onto that
@@ -15,7 +18,7 @@ closest so far and then pulled back towards x by beta. The closest stored point 
 
 Exactness-preserving speedups over the reference (per-sample results identical, up to the floating-point
 effects of the batch composition): input-only gradients (`torch.autograd.grad`), the clean logits computed
-once for the target ranking, and samples broken by an earlier target skipped. Not done: fusing the label
+once for the target ranking, and all runs in one batch. Not done: fusing the label
 check with the next iteration's forward (evaluation.md 14.3). FAB's overshoot (eta > 1) makes the new iterate
 misclassified in ~95% of the iterations (measured on the digits CNN), and a misclassified iterate is pulled
 back, so its next forward is at another point: the fusion would cost more than the separate check forward.
@@ -29,8 +32,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from fairbench.attacks.lanes import lane_rows, run_all
 from fairbench.attacks.pgd import project
 from fairbench.attacks.registry import ComponentOutput, EvalAttack, register_attack
+from fairbench.attacks.rng import per_sample_uniform
+from fairbench.attacks.search import confirmed_misclassified
 
 
 def linf_boundary_step(t: Tensor, w: Tensor, r: Tensor) -> Tensor:
@@ -71,13 +77,33 @@ def linf_boundary_step(t: Tensor, w: Tensor, r: Tensor) -> Tensor:
 
 
 def _margin_and_grad(model: nn.Module, u: Tensor, y: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """fp32 logits at u and the input gradient of sum_i (z_t - z_y)_i (parameters untouched)."""
+    """Targeted direction: (z_t - z_y at u, its input gradient) (parameters untouched)."""
     u = u.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = model(u).float()
-        diff = logits.gather(1, target[:, None]) - logits.gather(1, y[:, None])
+        diff = (logits.gather(1, target[:, None]) - logits.gather(1, y[:, None])).squeeze(1)
         (grad,) = torch.autograd.grad(diff.sum(), u)
-    return logits.detach(), grad.detach()
+    return diff.detach(), grad.detach()
+
+
+def _closest_boundary(model: nn.Module, u: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Untargeted direction: the class j != y minimising |z_j - z_y| / ||grad(z_j - z_y)||_1 (first on ties),
+    with (z_j - z_y, its gradient). Needs every class's gradient: C backward passes per iteration."""
+    u = u.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(u).float()
+        grads = []
+        for j in range(logits.shape[1]):
+            (g,) = torch.autograd.grad(logits[:, j].sum(), u, retain_graph=j < logits.shape[1] - 1)
+            grads.append(g)
+    rows = torch.arange(len(u), device=u.device)
+    jac = torch.stack(grads, 1)  # (B, C, *x)
+    df = logits.detach() - logits.detach()[rows, y][:, None]
+    dg = jac - jac[rows, y][:, None]
+    df[rows, y] = 1e10
+    ratio = df.abs() / (1e-12 + dg.abs().flatten(2).sum(2))
+    j = ratio.argmin(1)
+    return df[rows, j], dg[rows, j]
 
 
 def _rows(mask: Tensor, like: Tensor) -> Tensor:
@@ -85,8 +111,9 @@ def _rows(mask: Tensor, like: Tensor) -> Tensor:
 
 
 @dataclass
-class FABT(EvalAttack):
-    """Targeted FAB, L-infinity, AutoAttack's standard configuration (one deterministic restart)."""
+class FAB(EvalAttack):
+    """FAB, L-infinity: targeted (FAB-T, AutoAttack standard: 9 targets x 1 deterministic restart) or
+    untargeted (AutoAttack plus: 5 restarts, the later ones from a random start at eps/2)."""
 
     name: ClassVar[str] = "fab-t"
     description: ClassVar[str] = "FAB-T, L-inf: 9 targets x 100 iterations, no random start (AA standard)"
@@ -98,23 +125,55 @@ class FABT(EvalAttack):
     eta: float = 1.05
     beta: float = 0.9
     component: str = "fab-t"
+    targeted: bool = True
+    restarts: int = 1
+    side_by_side: bool = True
+    """All targets and restarts of a sample in one batch (same flags; `fairbench.attacks.lanes`)."""
 
     def settings(self) -> dict:
-        return {"eps": self.eps, "norm": "Linf", "steps": self.steps,
-                "n_target_classes": self.n_target_classes,
-                "restarts": 1, "random_start": False, "alpha_max": self.alpha_max, "eta": self.eta,
-                "beta": self.beta, "target_ranking": "clean logits, ranks 2..n_target_classes+1"}
+        out = {"eps": self.eps, "norm": "Linf", "steps": self.steps, "targeted": self.targeted,
+               "restarts": self.restarts,
+               "random_start": self.restarts > 1 and "restarts after the first, at distance eps/2",
+               "alpha_max": self.alpha_max, "eta": self.eta, "beta": self.beta}
+        if self.targeted:
+            out.update(n_target_classes=self.n_target_classes,
+                       target_ranking="clean logits, ranks 2..n_target_classes+1")
+        return out
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor, seed: int,
             active: Tensor) -> Iterator[ComponentOutput]:
-        yield ComponentOutput(self.component, self.perturb(model, x, y, active))
+        yield ComponentOutput(self.component, self.perturb(model, x, y, active, sample_ids, seed))
 
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, active: Tensor) -> Tensor:
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, active: Tensor, sample_ids: Tensor | None = None,
+                seed: int = 0) -> Tensor:
         """Adversarial points (canonical, distance <= eps) for the broken active samples, x elsewhere."""
         out = x.clone()
         idx = active.nonzero().squeeze(1)
         if len(idx) == 0:
             return out
+        sample_ids = torch.arange(len(x), device=x.device) if sample_ids is None else sample_ids
+        runs = self._runs(model, x, y, idx)
+
+        def attack(idx: Tensor, group: list[int]) -> tuple[Tensor, Tensor]:
+            rows = lane_rows(len(idx), len(group), x.device)
+            x0, y0 = x[idx][rows], y[idx][rows]
+            target = None if runs[0][0] is None else torch.cat([runs[r][0][idx] for r in group])
+            start = torch.cat([self._start(x[idx], sample_ids[idx], seed, runs[r][1]) for r in group])
+            best, dist = self.single_run(model, x0, y0, target, start)
+            cand = project(best, x0, self.eps)
+            success = dist <= self.eps
+            if success.any():  # the canonical point must be misclassified too
+                with torch.no_grad():
+                    success[success.clone()] = model(cand[success]).float().argmax(1) != y0[success]
+                success = confirmed_misclassified(model, cand, y0, success)
+            return success, cand
+
+        return run_all(x, active, len(runs), self.side_by_side, attack)
+
+    def _runs(self, model: nn.Module, x: Tensor, y: Tensor, idx: Tensor) -> list[tuple[Tensor | None, int]]:
+        """(target per sample or None, restart) in the reference's order: targets outer, restarts inner."""
+        if not self.targeted:
+            return [(None, r) for r in range(self.restarts)]
         with torch.no_grad():
             logits = model(x[idx]).float()
         num_classes = logits.shape[1]
@@ -124,38 +183,33 @@ class FABT(EvalAttack):
         # classes by decreasing clean logit with y forced to rank 1 (for clean-correct samples this is the
         # reference's ranking; it also keeps y out of the targets when logits tie)
         ranking = logits.scatter(1, y[idx, None], float("inf")).argsort(dim=1, descending=True, stable=True)
-        targets = torch.empty(len(x), n_targets, dtype=torch.long, device=x.device)
+        targets = torch.zeros(len(x), n_targets, dtype=torch.long, device=x.device)
         targets[idx] = ranking[:, 1:n_targets + 1]
-        robust = active.clone()
-        for k in range(n_targets):
-            pos = robust.nonzero().squeeze(1)
-            if len(pos) == 0:
-                break
-            x0, y0 = x[pos], y[pos]
-            best, dist = self.single_run(model, x0, y0, targets[pos, k])
-            found = dist <= self.eps
-            if not found.any():
-                continue
-            cand = project(best[found], x0[found], self.eps)
-            with torch.no_grad():
-                ok = model(cand).float().argmax(1) != y0[found]
-            hit = pos[found][ok]
-            out[hit] = cand[ok]
-            robust[hit] = False
-        return out
+        return [(targets[:, k], r) for k in range(n_targets) for r in range(self.restarts)]
 
-    def single_run(self, model: nn.Module, x0: Tensor, y: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """One FAB run towards `target` from x0: (closest misclassified iterate or x0, distance or inf)."""
+    def _start(self, x: Tensor, ids: Tensor, seed: int, restart: int) -> Tensor:
+        """The first restart starts at x; later ones at clip(x + (eps/2) u / max|u|), u ~ U(-1, 1)^d."""
+        if restart == 0:
+            return x.clone()
+        u = per_sample_uniform(ids, tuple(x.shape[1:]), seed, stream=5000 + restart).to(x.dtype) * 2 - 1
+        return (x + 0.5 * self.eps * u / _rows(u.flatten(1).abs().amax(1), x)).clamp(0.0, 1.0)
+
+    def single_run(self, model: nn.Module, x0: Tensor, y: Tensor, target: Tensor | None,
+                   start: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One FAB run per row from `start` (default x0), towards `target` (None: the closest boundary):
+        (closest misclassified iterate or x0, its distance or inf)."""
         b = len(x0)
         work = torch.promote_types(x0.dtype, torch.float32)
         flat0 = x0.reshape(b, -1).to(work)
-        x1 = x0.clone()
+        x1 = x0.clone() if start is None else start.clone()
         best = x0.clone()
         dist_best = torch.full((b,), float("inf"), dtype=x0.dtype, device=x0.device)
-        logits, grad = _margin_and_grad(model, x1, y, target)
+        direction = (lambda u: _closest_boundary(model, u, y)) if target is None else (
+            lambda u: _margin_and_grad(model, u, y, target))
+        diff, grad = direction(x1)
         for it in range(self.steps):
             with torch.no_grad():
-                df = (logits.gather(1, target[:, None]) - logits.gather(1, y[:, None])).squeeze(1).to(work)
+                df = diff.to(work)
                 w = grad.reshape(b, -1).to(work)
                 flat1 = x1.reshape(b, -1).to(work)
                 # hyperplane w.(u - x1) + df = 0: a step d from x1 needs w.d = -df, from x0 -df + w.(x1 - x0)
@@ -176,9 +230,12 @@ class FABT(EvalAttack):
                     dist_best = torch.where(better, dist, dist_best)
                     x1 = torch.where(_rows(adv, x0), x0 + self.beta * (x1 - x0), x1)
             if it < self.steps - 1:
-                logits, grad = _margin_and_grad(model, x1, y, target)
+                diff, grad = direction(x1)
         return best, dist_best
 
 
+
 register_attack("fab-t", "FAB-T, L-inf: 9 targets x 100 iterations, 1 restart without random start "
-                         "(AutoAttack standard)")(lambda eps: FABT(eps))
+                         "(AutoAttack standard)")(lambda eps: FAB(eps))
+register_attack("fab", "FAB, untargeted, L-inf: 5 restarts x 100 iterations, C gradients per iteration "
+                       "(AutoAttack plus)")(lambda eps: FAB(eps, targeted=False, restarts=5, component="fab"))

@@ -22,6 +22,12 @@ def project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
 
 
+def feasible_bounds(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(lo, hi) with `u.clamp(lo, hi) == project(u, x, eps)` bit for bit (min/max round nothing): one op per
+    projection in loops that project thousands of times."""
+    return (x - eps).clamp_min(0), (x + eps).clamp_max(1)
+
+
 def cw_loss(logits: Tensor, y: Tensor, kappa: float = 50.0) -> Tensor:
     """-max(z_y - max_{j != y} z_j + kappa, 0) per sample (the FAT/MAIL-family CW-inf loss)."""
     true = logits.gather(1, y[:, None]).squeeze(1)

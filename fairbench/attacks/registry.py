@@ -70,5 +70,6 @@ def _load() -> None:
     import fairbench.attacks.apgd  # noqa: F401
     import fairbench.attacks.fab  # noqa: F401
     import fairbench.attacks.autoattack  # noqa: F401
+    import fairbench.attacks.official  # noqa: F401
     import fairbench.attacks.square  # noqa: F401
     import fairbench.attacks.pgd  # noqa: F401  (registers the PGD family)

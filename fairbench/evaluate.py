@@ -15,6 +15,7 @@ from torch import Tensor
 from fairbench.attacks.pgd import project
 from fairbench.attacks.registry import EvalAttack, create_attack
 from fairbench.attacks.search import SearchSettings, search_model, tf32_allowed
+from fairbench.attacks.square import margin as margins
 from fairbench.attacks.training import eval_mode
 from fairbench.data.loader import DeviceSplit, eval_batches
 
@@ -26,12 +27,6 @@ class InfeasibleAdversarialError(RuntimeError):
 def strict_fp32() -> ContextManager[None]:
     """TF32 off for the verdict (allowed for search only)."""
     return tf32_allowed(False)
-
-
-def margins(logits: Tensor, y: Tensor) -> Tensor:
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    other = logits.scatter(1, y[:, None], float("-inf")).amax(1)
-    return true - other
 
 
 @torch.no_grad()

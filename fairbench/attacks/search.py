@@ -67,8 +67,7 @@ class SearchModel(nn.Module):
             p.requires_grad_(False)
         self.inner = inner.eval()
         self.exact = [model]  # the verdict model, kept out of the module tree
-        device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
-        self.precision = settings.resolved_precision(device)
+        self.precision = settings.resolved_precision(next(model.parameters(), torch.empty(0)).device)
 
     @property
     def reduced(self) -> bool:

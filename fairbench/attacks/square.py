@@ -37,6 +37,7 @@ def p_schedule(i: int, p_init: float, n_queries: int, rescale: bool) -> float:
 
 
 def margin(logits: Tensor, y: Tensor) -> Tensor:
+    """z_y - max_{j != y} z_j per sample (Square's loss, and the margin stored with every verdict)."""
     true = logits.gather(1, y[:, None]).squeeze(1)
     return true - logits.scatter(1, y[:, None], float("-inf")).amax(1)
 

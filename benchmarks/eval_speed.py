@@ -3,9 +3,9 @@
 The reference is torchattacks 3.5.1's components configured with AutoAttack's standard settings
 (APGD-CE, APGD-T 9 targets, FAB-T 9 targets, 100 iterations each, Square 5000 queries without schedule
 rescaling), chained with its MultiAttack. fairbench runs `aa` as users get it: per-sample random streams,
-targets side by side, Square's unchanged proposals answered from memory, and a search model with
-BatchNorm folded and channels_last (verdicts by the unmodified model in strict fp32). Prints images/s of
-each, the ratio and how many per-sample robust flags agree. `--reference-rng` adds fairbench in the
+targets side by side, Square's next proposals evaluated together and its unchanged ones answered from
+memory, and a search model with BatchNorm folded and channels_last (verdicts by the unmodified model in
+strict fp32). Prints images/s of each, the ratio and how many per-sample robust flags agree. `--reference-rng` adds fairbench in the
 reference's draw order on the unmodified model (flags identical by construction); `--bf16` adds a bf16
 search (opt-in, evaluation.md 12.2).
 
@@ -100,7 +100,7 @@ def main() -> None:
         samples = evaluate_split(model, split, [attack], args.eps, len(split), seed=0, search=search)
         seconds = time.perf_counter() - t0
         flags = robust_flags(samples)
-        robust = torch.as_tensor(flags[flags.suite == "autoattack"].sort_values("sample_idx")["correct"].to_numpy())
+        robust = torch.tensor(flags[flags.suite == "autoattack"].sort_values("sample_idx")["correct"].to_numpy())
         print(f"{label:44s} {seconds:8.1f} s  {n / seconds:8.2f} images/s  robust {robust.float().mean():.4f}  "
               f"speed ratio {ref_time / seconds:.2f}x  flags agree {int((ref_robust == robust).sum())}/{n}")
 

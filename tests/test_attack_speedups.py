@@ -101,11 +101,31 @@ def test_square_answers_unchanged_proposals_from_memory_and_still_counts_them():
     x, y = digits_test(24)
     active = model(x).argmax(1) == y
     model.rows = 0
-    square = Square(2 / 255, n_queries=600)  # small eps: most samples survive into the 1-pixel windows
+    # small eps: most samples survive into the 1-pixel windows; one proposal per forward, so that rows
+    # discarded by the lookahead do not hide the rows saved
+    square = Square(2 / 255, n_queries=600, lookahead=1)
     adv, queries = square.perturb(model, x, y, torch.arange(24), 0, active)
     robust = active & (model.inner(adv).argmax(1) == y)
     assert robust.sum() >= 10 and (queries[robust] == 601).all()
     assert model.rows < int(queries.sum())  # fewer forwarded rows than queries counted
+
+
+def test_square_lookahead_gives_the_one_at_a_time_results_with_fewer_forwards():
+    model = CountingModel(trained_digits_model())
+    x, y = digits_test(32)
+    active = model(x).argmax(1) == y
+    runs = {}
+    for k in (1, 7):
+        model.rows, calls = 0, []
+        model.register_forward_hook(lambda *_: calls.append(1))
+        adv, queries = Square(3 / 255, n_queries=400, lookahead=k).perturb(model, x, y, torch.arange(32), 3, active)
+        model._forward_hooks.clear()
+        runs[k] = adv, queries, len(calls)
+    (adv1, q1, calls1), (adv7, q7, calls7) = runs[1], runs[7]
+    broken = active & (model.inner(adv1).argmax(1) != y)
+    assert broken.any() and (active & ~broken).any()  # both outcomes occur
+    assert torch.equal(adv7, adv1) and torch.equal(q7, q1)
+    assert calls7 * 4 < calls1
 
 
 @dataclasses.dataclass

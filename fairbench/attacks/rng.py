@@ -25,15 +25,16 @@ def _hash32(x: Tensor) -> Tensor:
 
 
 def per_sample_uniform(sample_ids: Tensor, shape: tuple[int, ...], seed: int, stream: int = 0,
-                       offset: int = 0) -> Tensor:
+                       offset: int | Tensor = 0) -> Tensor:
     """Uniform [0, 1) floats of shape (B, *shape); row i is a fixed function of (seed, stream, sample_ids[i]).
 
-    Row i holds elements offset .. offset + numel - 1 of sample i's stream, so a long stream can be drawn
-    block by block (Square draws its windows 100 queries at a time)."""
+    Row i holds elements offset .. offset + numel - 1 of sample i's stream (`offset` may differ per row), so
+    a long stream can be drawn piece by piece (Square draws each sample's next windows where it stands)."""
     numel = 1
     for s in shape:
         numel *= s
     key = _hash32(_hash32(sample_ids.long() + _hash32(torch.tensor(seed * 7919 + stream, device=sample_ids.device))))
-    counter = torch.arange(offset, offset + numel, device=sample_ids.device, dtype=torch.long)
-    bits = _hash32(_hash32(key[:, None] ^ counter[None, :]) + key[:, None])
+    counter = torch.arange(numel, device=sample_ids.device, dtype=torch.long)[None, :]
+    counter = counter + (offset[:, None] if isinstance(offset, Tensor) else offset)
+    bits = _hash32(_hash32(key[:, None] ^ counter) + key[:, None])
     return (bits >> 8).to(torch.float32).mul_(1.0 / (1 << 24)).reshape(len(sample_ids), *shape)

@@ -7,10 +7,14 @@ signs from its own counter-based stream (independent of batch composition; stati
 reference, which shares one window per batch). `reference_rng=True` reproduces the reference's shared
 draws from the global torch RNG (tests only). As in the reference, the window's top-left corner is drawn
 from {0, ..., H-s-1}.
+
+Because a sample's draws do not depend on its state, its next `lookahead` proposals are evaluated in one
+forward (exact: `Square.perturb`). On the digits benchmark this turns 5000 forwards of ~100 rows into ~340
+forwards of ~1700 rows for the same queries, results and query counts, and makes Square about 1.4x faster
+on 2 CPU cores; on a GPU, where a forward of a few hundred small images is launch-bound, the gain grows.
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -54,6 +58,10 @@ class Square(EvalAttack):
     rescale_schedule: bool = False
     component: str = "square"
     reference_rng: bool = False
+    lookahead: int = 16
+    """Proposals per sample evaluated in one forward (see `perturb`); 1 is the reference's one at a time."""
+    max_rows: int = 4096
+    """Cap on lookahead x running samples, the rows of one forward (memory)."""
 
     def settings(self) -> dict:
         return {"eps": self.eps, "n_queries": self.n_queries, "p_init": self.p_init,
@@ -69,104 +77,118 @@ class Square(EvalAttack):
                 active: Tensor) -> tuple[Tensor, Tensor]:
         """(points: the successful ones for broken samples, clean elsewhere; queries used per sample).
 
-        The working arrays hold the still-running samples only and shrink when one succeeds. For a running
-        sample the best loss and the current margin coincide (both are the margin of x_best, and a margin
-        <= 0 ends the sample), so the reference's two acceptance rules reduce to "the margin decreased".
-        A proposal equal to the sample's current point is answered from memory (its margin is known; the
-        reference re-queries and rejects it) and counts as a query all the same.
+        For a running sample the best loss and the current margin coincide (both are the margin of x_best,
+        and a margin <= 0 ends the sample), so the reference's two acceptance rules reduce to "the margin
+        decreased". Lookahead: a sample's windows and signs come from its own stream and do not depend on
+        its state, so its next K proposals can all be built from the current x_best and evaluated in one
+        forward. Up to and including the first accepted one they are exactly the proposals the one-at-a-time
+        loop makes; the rest assumed a state that no longer holds and are discarded. Most proposals are
+        rejected, so a forward serves several queries per sample: the same results with fewer, larger
+        forwards. A proposal equal to the current point is answered from memory (the reference re-queries
+        and rejects it); it counts as a query all the same. Samples advance at their own pace and leave the
+        working arrays when they succeed or run out of queries.
         """
         out, queries = x.clone(), torch.zeros(len(x), dtype=torch.int32, device=x.device)
         idx = active.nonzero().squeeze(1)
         if not len(idx):
             return out, queries
         c, h, w = x.shape[1:]
+        sides = torch.tensor([window_side(p_schedule(i, self.p_init, self.n_queries, self.rescale_schedule), c, h, w)
+                              for i in range(self.n_queries)] + [1], device=x.device)
         run = _Running(idx, x[idx], y[idx], sample_ids[idx], self.eps)
         run.x_best = (run.x + self.eps * self._stripes(run.ids, (c, 1, w), seed)).clamp(0.0, 1.0)
         run.margin = margin(model(run.x_best).float(), run.y)
-        run.finish(confirmed_misclassified(model, run.x_best, run.y, run.margin <= 0), out, queries, used=1)
-        for i in range(self.n_queries):
-            if not run.size:
-                break
-            p = p_schedule(i, self.p_init, self.n_queries, self.rescale_schedule)
-            s = min(max(int(round(math.sqrt(p * (c * h * w) / c))), 1), h, w)  # the reference's arithmetic
-            vh, vw, step = self._window(run, s, h, w, c, seed, i)
-            inside = _window_rows(h, s, x)[vh][:, :, None] * _window_rows(w, s, x)[vw][:, None, :]
-            x_new = (run.x_best + inside[:, None] * step[:, :, None, None]).clamp(run.lo, run.hi)
-            m = self._query(model, x_new, run)
-            improved = m < run.margin
-            run.margin = torch.where(improved, m, run.margin)
-            run.x_best = torch.where(improved[:, None, None, None], x_new, run.x_best)
-            run.finish(confirmed_misclassified(model, x_new, run.y, improved & (m <= 0.0)), out, queries, used=i + 2)
-        queries[run.pos] = self.n_queries + 1
+        run.finish(confirmed_misclassified(model, run.x_best, run.y, run.margin <= 0), out, queries, used=run.next + 1)
+        while run.size:
+            k = 1 if self.reference_rng else max(1, min(self.lookahead, self.max_rows // run.size))
+            query = run.next[:, None] + torch.arange(k, device=x.device)  # (n, k) query indices
+            valid = query < self.n_queries
+            x_new = self._proposals(run, sides[query.clamp(max=self.n_queries)], query, seed)
+            m = self._query(model, x_new, valid, run)
+            accepted = m < run.margin[:, None]
+            hit = accepted.any(1)
+            first = accepted.to(torch.int8).argmax(1)  # the first accepted proposal (0 where none)
+            rows = torch.arange(run.size, device=x.device)
+            m_first = m[rows, first]
+            run.margin = torch.where(hit, m_first, run.margin)
+            run.x_best = torch.where(hit[:, None, None, None], x_new[rows, first], run.x_best)
+            run.next = run.next + torch.where(hit, first + 1, valid.sum(1))
+            done = confirmed_misclassified(model, run.x_best, run.y, hit & (m_first <= 0.0))
+            run.finish(done, out, queries, used=run.next + 1)
+            run.finish(run.next >= self.n_queries, None, queries, used=self.n_queries + 1)
         return out, queries
 
+    def _proposals(self, run: "_Running", side: Tensor, query: Tensor, seed: int) -> Tensor:
+        """(n, k, c, h, w): x_best with one window of side `side` set to x -+ eps (then clipped) per query."""
+        n, k = query.shape
+        c, h, w = run.x.shape[1:]
+        corner, step = self._draws(run, query, c, seed)
+        top, left = ((h - side) * corner[..., 0]).long(), ((w - side) * corner[..., 1]).long()
+        rows, cols = torch.arange(h, device=side.device), torch.arange(w, device=side.device)
+        in_rows = (rows >= top[..., None]) & (rows < (top + side)[..., None])
+        in_cols = (cols >= left[..., None]) & (cols < (left + side)[..., None])
+        inside = (in_rows[..., :, None] & in_cols[..., None, :]).to(run.x.dtype)  # (n, k, h, w)
+        return (run.x_best[:, None] + inside[:, :, None] * step[..., None, None]).clamp(run.lo[:, None], run.hi[:, None])
+
+    def _draws(self, run: "_Running", query: Tensor, c: int, seed: int) -> tuple[Tensor, Tensor]:
+        """Window corners in [0, 1)^2 (n, k, 2) and per-channel steps 2 eps * sign (n, k, c) of each query."""
+        n, k = query.shape
+        if self.reference_rng:  # one window and one sign per channel for the whole batch (k == 1)
+            corner = torch.rand([2]).to(run.x.device).expand(n, k, 2)  # float32, as the reference's arithmetic
+            signs = torch.sign(2 * torch.rand([c, 1, 1]) - 1).reshape(1, 1, c).to(run.x.device, run.x.dtype)
+            return corner, (2.0 * self.eps * signs).expand(n, k, c)
+        u = per_sample_uniform(run.ids, (k, 2 + c), seed, stream=7002, offset=query[:, 0] * (2 + c))
+        return u[..., :2].to(run.x.dtype), 2.0 * self.eps * _sign(u[..., 2:]).to(run.x.dtype)
+
     @staticmethod
-    def _query(model: nn.Module, x_new: Tensor, run: "_Running") -> Tensor:
-        """Margins of the proposals; unchanged proposals keep their known margin (no forward)."""
-        changed = (x_new != run.x_best).flatten(1).any(1)
-        if bool(changed.all()):
-            return margin(model(x_new).float(), run.y)
-        m = run.margin.clone()
-        sel = changed.nonzero().squeeze(1)
+    def _query(model: nn.Module, x_new: Tensor, valid: Tensor, run: "_Running") -> Tensor:
+        """Margins (n, k) of the proposals; unchanged ones keep the known margin and invalid ones (beyond
+        the query budget) get +inf, both without a forward."""
+        n, k = valid.shape
+        flat = x_new.flatten(0, 1)
+        changed = (x_new != run.x_best[:, None]).flatten(2).any(2) & valid
+        m = torch.where(valid, run.margin[:, None], float("inf")).flatten()
+        sel = changed.flatten().nonzero().squeeze(1)
+        if len(sel) == len(m):
+            return margin(model(flat).float(), run.y.repeat_interleave(k)).view(n, k)
         if len(sel):
-            m[sel] = margin(model(x_new[sel]).float(), run.y[sel])
-        return m
+            m[sel] = margin(model(flat[sel]).float(), run.y.repeat_interleave(k)[sel])
+        return m.view(n, k)
 
     def _stripes(self, ids: Tensor, shape: tuple[int, ...], seed: int) -> Tensor:
         if self.reference_rng:
             return torch.sign(2 * torch.rand((len(ids), *shape)) - 1).to(ids.device)
         return _sign(per_sample_uniform(ids, shape, seed, stream=7001))
 
-    def _window(self, run: "_Running", s: int, h: int, w: int, c: int, seed: int, i: int
-                ) -> tuple[Tensor, Tensor, Tensor]:
-        """Top-left corners (n,) and the per-channel steps 2 eps * sign (n, c) of query i."""
-        n = run.size
-        if self.reference_rng:  # one window and one sign per channel for the whole batch
-            vh = (0 + (h - s) * torch.rand([1])).long().to(run.ids.device).expand(n)
-            vw = (0 + (w - s) * torch.rand([1])).long().to(run.ids.device).expand(n)
-            signs = torch.sign(2 * torch.rand([c, 1, 1]) - 1).reshape(1, c).to(run.ids.device).expand(n, c)
-            return vh, vw, 2.0 * self.eps * signs
-        if i % WINDOW_BLOCK == 0:  # each sample's stream, drawn WINDOW_BLOCK queries at a time
-            u = per_sample_uniform(run.ids, (WINDOW_BLOCK, 2 + c), seed, stream=7002, offset=i * (2 + c))
-            run.corners, run.steps = u[:, :, :2].to(run.x.dtype), 2.0 * self.eps * _sign(u[:, :, 2:]).to(run.x.dtype)
-        u, k = run.corners, i % WINDOW_BLOCK
-        return ((h - s) * u[:, k, 0]).long(), ((w - s) * u[:, k, 1]).long(), run.steps[:, k]
 
-
-WINDOW_BLOCK = 100
-
-
-@functools.lru_cache(maxsize=64)
-def _window_rows_cached(size: int, s: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    rel = torch.arange(size, device=device)[None, :] - torch.arange(size - s + 1, device=device)[:, None]
-    return ((rel >= 0) & (rel < s)).to(dtype)
-
-
-def _window_rows(size: int, s: int, like: Tensor) -> Tensor:
-    """Row k: 1 on the coordinates k .. k + s - 1 of a window of side s starting at k (a lookup table)."""
-    return _window_rows_cached(size, s, like.dtype, like.device)
+def window_side(p: float, c: int, h: int, w: int) -> int:
+    """Side of the square window changing a fraction p of the pixels (the reference's arithmetic)."""
+    return min(max(int(round(math.sqrt(p * (c * h * w) / c))), 1), h, w)
 
 
 class _Running:
     """Square's per-sample state for the samples still running (compacted when samples finish)."""
 
-    FIELDS = ("pos", "x", "y", "ids", "lo", "hi", "x_best", "margin", "corners", "steps")
+    FIELDS = ("pos", "x", "y", "ids", "lo", "hi", "x_best", "margin", "next")
 
     def __init__(self, pos: Tensor, x: Tensor, y: Tensor, ids: Tensor, eps: float):
         self.pos, self.x, self.y, self.ids = pos, x, y, ids
         self.lo, self.hi = feasible_bounds(x, eps)
-        self.x_best = self.margin = self.corners = self.steps = None
+        self.next = torch.zeros(len(pos), dtype=torch.long, device=x.device)  # the next query index
+        self.x_best = self.margin = None
 
     @property
     def size(self) -> int:
         return len(self.pos)
 
-    def finish(self, done: Tensor, out: Tensor, queries: Tensor, used: int) -> None:
-        """Write out the samples marked `done` (margin <= 0) and drop them (a host sync per query)."""
+    def finish(self, done: Tensor, out: Tensor | None, queries: Tensor, used: Tensor | int) -> None:
+        """Record the samples marked `done` (their x_best into `out` if given, `used` queries) and drop them
+        (a host sync per round)."""
         if not bool(done.any()):
             return
-        out[self.pos[done]] = self.x_best[done]
-        queries[self.pos[done]] = used
+        if out is not None:
+            out[self.pos[done]] = self.x_best[done]
+        queries[self.pos[done]] = used[done].to(queries.dtype) if isinstance(used, Tensor) else used
         keep = ~done
         for name in self.FIELDS:
             value = getattr(self, name)

@@ -23,3 +23,7 @@ class CheckpointError(FairbenchError):
 
 class NonFiniteLossError(FairbenchError):
     """Training produced NaN/inf; the message names epoch and batch, the last good checkpoint is kept."""
+
+
+class ClassCountError(FairbenchError, ValueError):
+    """An attack component needs more classes than the model has."""

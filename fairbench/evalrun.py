@@ -21,9 +21,10 @@ from fairbench.attacks.registry import create_attack
 from fairbench.attacks.search import SearchSettings
 from fairbench.checkpoint import list_checkpoints, load_checkpoint
 from fairbench.data import load_dataset
-from fairbench.data.loader import DeviceSplit, stratified_subset
+from fairbench.data.loader import DeviceSplit, eval_batches, stratified_subset
 from fairbench.engine import Reporter, SilentReporter, Trainer, select_device
 from fairbench.errors import FairbenchError
+from fairbench.evalchecks import epoch_checks, model_flags
 from fairbench.evaluate import canonical_order, evaluate_split, per_class_counts
 from fairbench.results import CLASSWISE_COLUMNS, write_json, write_parquet
 from fairbench.spec import ResolvedRun, RunSpec, provenance, resolve
@@ -55,26 +56,31 @@ def eval_split(resolved: ResolvedRun, dataset, device: torch.device, per_class: 
 
 
 def evaluate_epochs(trainer: Trainer, epochs: list[int], attacks: list[str], eps: float, split: DeviceSplit,
-                    folder: Path, reporter: Reporter, precision: str | None = None) -> pd.DataFrame:
-    """Per-sample records (with an `epoch` column) of `attacks` on each checkpoint epoch, searching in
-    `precision` (default: the run's)."""
+                    folder: Path, reporter: Reporter, precision: str | None = None) -> tuple[pd.DataFrame, dict]:
+    """(per-sample records with an `epoch` column, the automatic checks per epoch) of `attacks` on each
+    checkpoint epoch, searching in `precision` (default: the run's). Raised checks are printed."""
     resolved = trainer.resolved
     precision = precision or resolved.spec.attack_precision
     search = SearchSettings(precision=precision)
     found = list_checkpoints(folder / "checkpoints")
-    frames = []
+    frames, checks = [], {}
     for epoch in epochs:
         t0 = time.perf_counter()
         trainer.restore(load_checkpoint(found[epoch], resolved.run_id, resolved.config_hash))
         model = trainer.method.eval_model(trainer.model)
+        x, y, _ = next(eval_batches(split, resolved.spec.eval_batch_size))
+        flags = model_flags(model, x, y)
         part = folder / PARTIAL / f"epoch_{epoch:04d}_{'+'.join(attacks)}_{eps:.8f}_{precision}"
         samples = evaluate_resumable(model, split, attacks, eps, resolved.spec.eval_batch_size,
                                      resolved.spec.seed, part, search)
+        checks[str(epoch)] = epoch_checks(samples, flags, suite_eps(attacks, eps))
         samples.insert(0, "epoch", epoch)
         frames.append(samples)
         reporter.message(f"  evaluated epoch {epoch} ({', '.join(['clean', *attacks])}) "
                          f"in {time.perf_counter() - t0:.1f}s")
-    return pd.concat(frames, ignore_index=True)
+        for line in checks[str(epoch)]["warnings"]:
+            reporter.message(f"  warning (epoch {epoch}): {line}")
+    return pd.concat(frames, ignore_index=True), checks
 
 
 def classwise_table(samples: pd.DataFrame, resolved: ResolvedRun, class_names: tuple[str, ...],
@@ -176,14 +182,14 @@ def evaluate_run(folder: Path, attacks: list[str], checkpoints: str = "last5", p
     reporter.message(f"{resolved.run_id}: {', '.join(attacks)} on epochs {epochs}, {len(split)} test samples")
     t0 = time.perf_counter()
     precision = precision or spec.attack_precision
-    samples = evaluate_epochs(trainer, epochs, [a for a in attacks if a != "clean"], eps, split, folder, reporter,
-                              precision)
+    samples, checks = evaluate_epochs(trainer, epochs, [a for a in attacks if a != "clean"], eps, split, folder,
+                                      reporter, precision)
     names = None
     if label_eps:
         names = {a: eps_suite_name(a, e) for a, e in suite_eps(attacks, eps).items() if a != "clean"}
         samples["suite"] = samples["suite"].map(lambda suite: names.get(suite, suite))
     merge_results(folder, samples, resolved, dataset.class_names, meta, attacks, eps, time.perf_counter() - t0,
-                  names, precision)
+                  names, precision, checks)
     return folder
 
 
@@ -201,7 +207,8 @@ def merge_samples(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
 
 def merge_results(folder: Path, samples: pd.DataFrame, resolved: ResolvedRun, class_names: tuple[str, ...],
                   meta: dict, attacks: list[str], eps: float, seconds: float,
-                  suite_names: dict[str, str] | None = None, precision: str = "auto") -> None:
+                  suite_names: dict[str, str] | None = None, precision: str = "auto",
+                  checks: dict | None = None) -> None:
     """Merge the new records into the run's files and recompute its per-class table, atomically.
 
     `suite_names` maps an attack to the suite name its records carry (eps sweeps); default: the attack's name.
@@ -219,6 +226,8 @@ def merge_results(folder: Path, samples: pd.DataFrame, resolved: ResolvedRun, cl
                   "epochs": sorted(set(samples["epoch"].tolist()))}
     if names:
         evaluation["suites"] = [names.get(a, a) for a in attacks]
+    if checks is not None:
+        evaluation["checks"] = checks
     meta.setdefault("evaluations", []).append(evaluation)
     write_parquet(folder / "samples.parquet", merged)
     write_json(folder / "run.json", meta)

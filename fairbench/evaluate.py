@@ -16,8 +16,8 @@ from fairbench.attacks.pgd import project
 from fairbench.attacks.registry import EvalAttack, create_attack
 from fairbench.attacks.search import SearchSettings, search_model, tf32_allowed
 from fairbench.attacks.square import margin as margins
-from fairbench.attacks.training import eval_mode
 from fairbench.data.loader import DeviceSplit, eval_batches
+from fairbench.evalchecks import ModelState, frozen_for_attack
 
 
 class InfeasibleAdversarialError(RuntimeError):
@@ -81,24 +81,20 @@ def evaluate_split(model: nn.Module, split: DeviceSplit, attacks: list[str | Eva
     with the model prepared by `search` (None: the model itself); verdicts always use the model itself."""
     suites = [_suite(a, eps) for a in attacks if a != "clean"]
     parts: list[dict[str, np.ndarray]] = []
-    with eval_mode(model):
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        for p in trainable:  # input gradients only; restored afterwards
-            p.requires_grad_(False)
-        try:
-            searcher = search_model(model, search) if suites else model
-            for x, y, ids in eval_batches(split, batch_size):
-                pred, margin = _verdict(model, x, y)
-                correct = pred == y
-                no = torch.zeros_like(correct)
-                parts.append(_records("clean", "clean", 0, ids, y, torch.ones_like(correct), ~correct, no,
-                                      pred, margin, torch.zeros(len(y), device=y.device)))
-                for name, attack in suites:
-                    with torch.enable_grad():
-                        parts.extend(_attack_batch(model, searcher, name, attack, x, y, ids, correct, seed))
-        finally:
-            for p in trainable:
-                p.requires_grad_(True)
+    with frozen_for_attack(model):
+        searcher = search_model(model, search) if suites else model
+        states = [(m, ModelState.capture(m)) for m in {id(model): model, id(searcher): searcher}.values()]
+        for x, y, ids in eval_batches(split, batch_size):
+            pred, margin = _verdict(model, x, y)
+            correct = pred == y
+            no = torch.zeros_like(correct)
+            parts.append(_records("clean", "clean", 0, ids, y, torch.ones_like(correct), ~correct, no,
+                                  pred, margin, torch.zeros(len(y), device=y.device)))
+            for name, attack in suites:
+                with torch.enable_grad():
+                    parts.extend(_attack_batch(model, searcher, name, attack, x, y, ids, correct, seed))
+                for m, state in states:
+                    state.verify(m, f"the {name} attack")
     frame = pd.DataFrame({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
     return canonical_order(frame, [n for n, _ in suites])
 

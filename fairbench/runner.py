@@ -62,9 +62,10 @@ def run_one(spec: RunSpec, out: Path, resume: bool = False, reporter: Reporter |
                             after_batch=after_batch)
     train_wall = time.perf_counter() - t0
     t1 = time.perf_counter()
-    classwise, samples, evaluated = evaluate_checkpoints(trainer, resolved, dataset, folder, reporter)
+    classwise, samples, evaluated, checks = evaluate_checkpoints(trainer, resolved, dataset, folder, reporter)
     eval_wall = time.perf_counter() - t1
     metadata = run_metadata(resolved, trainer, device, stats, train_wall, eval_wall, evaluated)
+    metadata["checks"] = checks
     write_parquet(folder / "samples.parquet", samples)
     write_json(folder / "run.json", metadata)
     write_parquet(folder / "classwise.parquet", classwise, metadata)
@@ -103,8 +104,9 @@ def load_start_weights(trainer: Trainer, path: Path) -> None:
 
 
 def evaluate_checkpoints(trainer: Trainer, resolved: ResolvedRun, dataset, folder: Path,
-                         reporter: Reporter) -> tuple[pd.DataFrame, pd.DataFrame, list[int]]:
-    """Clean + every attack suite on each of the last `eval_last` checkpoints (resumable per chunk)."""
+                         reporter: Reporter) -> tuple[pd.DataFrame, pd.DataFrame, list[int], dict]:
+    """Clean + every attack suite on each of the last `eval_last` checkpoints (resumable per chunk):
+    (per-class table, per-sample records, epochs, automatic checks per epoch)."""
     spec = resolved.spec
     found = list_checkpoints(folder / "checkpoints")
     if not found or max(found) != resolved.epochs:
@@ -112,9 +114,9 @@ def evaluate_checkpoints(trainer: Trainer, resolved: ResolvedRun, dataset, folde
     epochs = sorted(found)[-spec.eval_last:]
     split = eval_split(resolved, dataset, trainer.device, spec.eval_per_class)
     attacks = [a for a in spec.attacks if a != "clean"]
-    samples = evaluate_epochs(trainer, epochs, attacks, spec.eval_eps, split, folder, reporter)
+    samples, checks = evaluate_epochs(trainer, epochs, attacks, spec.eval_eps, split, folder, reporter)
     classwise = classwise_table(samples, resolved, dataset.class_names, suite_eps(attacks, spec.eval_eps))
-    return classwise, samples, epochs
+    return classwise, samples, epochs, checks
 
 
 def state_summary(state: dict) -> dict:

@@ -13,6 +13,7 @@ from fairbench.attacks.pgd import project
 from fairbench.attacks.registry import create_attack
 from fairbench.data import load_dataset
 from fairbench.data.loader import DeviceSplit
+from fairbench.errors import ClassCountError
 from fairbench.evaluate import evaluate_split
 from tests.attack_fixtures import digits_test, trained_digits_model
 
@@ -145,9 +146,15 @@ def test_class_count_limits():
     y = model(x).argmax(1).detach()
     out = FAB(0.5, steps=5).perturb(model, x, y, torch.ones(5, dtype=torch.bool))  # C = 2: one target
     assert torch.equal(project(out, x, 0.5), out)
-    with pytest.raises(ValueError):
+    with pytest.raises(ClassCountError, match="fab-t needs at least 2 classes"):
         one_class = nn.Sequential(nn.Flatten(), nn.Linear(4, 1)).eval()
         FAB(0.5).perturb(one_class, x, torch.zeros(5, dtype=torch.long), torch.ones(5, dtype=torch.bool))
+    for name, classes, needed in (("apgd-dlr", 2, 3), ("apgd-t", 3, 4)):  # DLR needs the 3rd / 4th logit
+        small = nn.Sequential(nn.Flatten(), nn.Linear(4, classes)).eval()
+        with pytest.raises(ClassCountError, match=f"{name} needs at least {needed} classes"):
+            create_attack(name, 0.5).perturb(small, x, y, torch.arange(5), 0, torch.ones(5, dtype=torch.bool))
+    wide_enough = nn.Sequential(nn.Flatten(), nn.Linear(4, 4)).eval()
+    create_attack("apgd-t", 0.5).perturb(wide_enough, x, y, torch.arange(5), 0, torch.ones(5, dtype=torch.bool))
 
 
 # --- reference: torchattacks 3.5.1 (test-only, installed with --no-deps) -----------------------------------

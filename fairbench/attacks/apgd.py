@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fairbench.attacks.lanes import lane_rows, run_all
-from fairbench.attacks.pgd import project
-from fairbench.attacks.registry import ComponentOutput, EvalAttack, register_attack
+from fairbench.attacks.pgd import input_grad, project
+from fairbench.attacks.registry import ComponentOutput, EvalAttack, register_attack, require_classes
 from fairbench.attacks.rng import per_sample_uniform
 from fairbench.attacks.search import confirmed_misclassified
 
@@ -73,7 +73,7 @@ def _loss_and_grad(model: nn.Module, x_adv: Tensor, y: Tensor, kind: Loss, targe
         with torch.enable_grad():
             logits = model(x_req).float()
             loss = _loss(kind, logits, y, target)
-            grad += torch.autograd.grad(loss.sum(), x_req)[0]
+            grad += input_grad(loss.sum(), x_req)
     return loss.detach(), logits.detach(), grad / float(eot)
 
 
@@ -191,9 +191,13 @@ class APGD(EvalAttack):
                 active: Tensor) -> Tensor:
         """Adversarial points for the active samples (clean points elsewhere and where the attack failed)."""
         targets: list[Tensor | None] = [None]
+        if self.loss == "dlr":
+            with torch.no_grad():
+                require_classes(self.component, 3, model(x[:1]).shape[1], "the DLR loss uses the third largest logit")
         if self.loss == "dlr-targeted":
             with torch.no_grad():
                 ranking = model(x).float().sort(dim=1)[1]
+            require_classes(self.component, 4, ranking.shape[1], "the targeted DLR loss uses the fourth largest logit")
             n = min(self.n_targets, ranking.shape[1] - 1)
             targets = [ranking[:, -k] for k in range(2, n + 2)]
         runs = [t for t in targets for _ in range(self.restarts)]  # run index = position, as in the reference

@@ -33,8 +33,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from fairbench.attacks.lanes import lane_rows, run_all
-from fairbench.attacks.pgd import project
-from fairbench.attacks.registry import ComponentOutput, EvalAttack, register_attack
+from fairbench.attacks.pgd import input_grad, project
+from fairbench.attacks.registry import ComponentOutput, EvalAttack, register_attack, require_classes
 from fairbench.attacks.rng import per_sample_uniform
 from fairbench.attacks.search import confirmed_misclassified
 
@@ -82,7 +82,7 @@ def _margin_and_grad(model: nn.Module, u: Tensor, y: Tensor, target: Tensor) -> 
     with torch.enable_grad():
         logits = model(u).float()
         diff = (logits.gather(1, target[:, None]) - logits.gather(1, y[:, None])).squeeze(1)
-        (grad,) = torch.autograd.grad(diff.sum(), u)
+        grad = input_grad(diff.sum(), u)
     return diff.detach(), grad.detach()
 
 
@@ -94,8 +94,7 @@ def _closest_boundary(model: nn.Module, u: Tensor, y: Tensor) -> tuple[Tensor, T
         logits = model(u).float()
         grads = []
         for j in range(logits.shape[1]):
-            (g,) = torch.autograd.grad(logits[:, j].sum(), u, retain_graph=j < logits.shape[1] - 1)
-            grads.append(g)
+            grads.append(input_grad(logits[:, j].sum(), u, retain_graph=j < logits.shape[1] - 1))
     rows = torch.arange(len(u), device=u.device)
     jac = torch.stack(grads, 1)  # (B, C, *x)
     df = logits.detach() - logits.detach()[rows, y][:, None]
@@ -177,8 +176,7 @@ class FAB(EvalAttack):
         with torch.no_grad():
             logits = model(x[idx]).float()
         num_classes = logits.shape[1]
-        if num_classes < 2:
-            raise ValueError(f"FAB-T needs at least 2 classes, the model has {num_classes}")
+        require_classes(self.component, 2, num_classes, "it needs a target class other than the label")
         n_targets = min(self.n_target_classes, num_classes - 1)
         # classes by decreasing clean logit with y forced to rank 1 (for clean-correct samples this is the
         # reference's ranking; it also keeps y out of the targets when logits tie)

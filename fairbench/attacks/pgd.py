@@ -22,6 +22,15 @@ def project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
 
 
+def input_grad(value: Tensor, x: Tensor, retain_graph: bool = False) -> Tensor:
+    """d value / d x, or zeros where `value` does not depend on x differentiably (a non-differentiable
+    defence: gradient attacks then stand still, and the evaluation's zero-gradient check reports it)."""
+    if not value.requires_grad:
+        return torch.zeros_like(x)
+    (grad,) = torch.autograd.grad(value, x, retain_graph=retain_graph, allow_unused=True)
+    return torch.zeros_like(x) if grad is None else grad
+
+
 def feasible_bounds(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """(lo, hi) with `u.clamp(lo, hi) == project(u, x, eps)` bit for bit (min/max round nothing): one op per
     projection in loops that project thousands of times."""
@@ -56,7 +65,7 @@ class PGD(EvalAttack):
             logits = model(x_adv).float()
             wrong_any |= logits.argmax(1) != y
             loss = F.cross_entropy(logits, y, reduction="sum") if self.loss == "ce" else cw_loss(logits, y).sum()
-            (grad,) = torch.autograd.grad(loss, x_adv)
+            grad = input_grad(loss, x_adv)
             x_adv = project(x_adv.detach() + self.alpha * grad.sign(), x, self.eps)
         yield ComponentOutput(self.component, x_adv.detach(), wrong_any)
 

@@ -8,7 +8,7 @@ from typing import Callable, ClassVar, Iterator
 import torch.nn as nn
 from torch import Tensor
 
-from fairbench.errors import UnknownNameError
+from fairbench.errors import ClassCountError, UnknownNameError
 
 
 @dataclass
@@ -73,3 +73,10 @@ def _load() -> None:
     import fairbench.attacks.official  # noqa: F401
     import fairbench.attacks.square  # noqa: F401
     import fairbench.attacks.pgd  # noqa: F401  (registers the PGD family)
+
+
+def require_classes(component: str, needed: int, available: int, why: str) -> None:
+    """A clear error instead of an index error deep inside a loss (evaluation.md 7.4, class count)."""
+    if available < needed:
+        raise ClassCountError(f"{component} needs at least {needed} classes ({why}); the model has {available}. "
+                             f"Evaluate with apgd-ce, pgd20 or square instead")

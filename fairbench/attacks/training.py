@@ -19,13 +19,15 @@ Init = Literal["normal", "uniform"]
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """BatchNorm uses running statistics and does not update them while attacking."""
-    was_training = model.training
+    """BatchNorm uses running statistics and does not update them while attacking. Afterwards every module
+    gets its own mode back (`model.train(flag)` would impose the top module's flag on shared submodules)."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def per_sample(value: float | Tensor, like: Tensor) -> Tensor:

@@ -5,7 +5,9 @@ The reference is torchattacks 3.5.1's components configured with AutoAttack's st
 rescaling), chained with its MultiAttack. fairbench runs `aa` as users get it: per-sample random streams,
 targets side by side, Square's next proposals evaluated together and its unchanged ones answered from
 memory, and a search model with BatchNorm folded and channels_last (verdicts by the unmodified model in
-strict fp32). Prints images/s of each, the ratio and how many per-sample robust flags agree. `--reference-rng` adds fairbench in the
+strict fp32). Prints images/s of each, the ratio, how many per-sample robust flags agree, and the model
+passes per image (F forwards, B of them with an input gradient; evaluation.md 13.1), then the time of
+`pgd20` for comparison. `--reference-rng` adds fairbench in the
 reference's draw order on the unmodified model (flags identical by construction); `--bf16` adds a bf16
 search (opt-in, evaluation.md 12.2).
 
@@ -18,12 +20,14 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from fairbench.attacks.autoattack import AutoAttack
-from fairbench.attacks.search import EXACT, SearchSettings
+from fairbench.attacks.search import EXACT, SearchModel, SearchSettings
 from fairbench.data import load_dataset
 from fairbench.data.loader import DeviceSplit, stratified_subset
 from fairbench.engine import SilentReporter, Trainer, select_device
@@ -59,6 +63,27 @@ def reference_chain(model: torch.nn.Module, eps: float, n_classes: int):
     ])
 
 
+@contextmanager
+def counted_passes(model: torch.nn.Module) -> Iterator[dict[str, int]]:
+    """Rows through `model` or a search copy of it: F (all) and B (with an input gradient, so a backward follows)."""
+    counts = {"F": 0, "B": 0}
+
+    def hook(module, inputs, output):
+        if module is model or isinstance(module, SearchModel):
+            counts["F"] += len(inputs[0])
+            counts["B"] += len(inputs[0]) if torch.is_grad_enabled() and inputs[0].requires_grad else 0
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield counts
+    finally:
+        handle.remove()
+
+
+def passes(counts: dict[str, int], n: int) -> str:
+    return f"passes/image F {counts['F'] / n:6.0f} B {counts['B'] / n:5.0f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="digits")
@@ -79,16 +104,17 @@ def main() -> None:
     x = split.images.float() / 255
     y = split.labels
 
-    t0 = time.perf_counter()
-    adv = reference_chain(model, args.eps, dataset.num_classes)(x, y)
-    ref_time = time.perf_counter() - t0
+    with counted_passes(model) as ref_passes:
+        t0 = time.perf_counter()
+        adv = reference_chain(model, args.eps, dataset.num_classes)(x, y)
+        ref_time = time.perf_counter() - t0
     with torch.no_grad():
         ref_robust = (model(adv).argmax(1) == y).cpu()
     n = len(y)
     print(f"AutoAttack standard, eps {args.eps:.5f}, {n} {args.dataset} test images, device {device}, "
           f"{torch.get_num_threads()} threads")
     print(f"{'reference chain (torchattacks components)':44s} {ref_time:8.1f} s  {n / ref_time:8.2f} images/s  "
-          f"robust {ref_robust.float().mean():.4f}")
+          f"robust {ref_robust.float().mean():.4f}  {passes(ref_passes, n)}")
 
     variants = [("fairbench aa", AutoAttack(args.eps), SearchSettings())]
     if args.reference_rng:
@@ -96,13 +122,23 @@ def main() -> None:
     if args.bf16:
         variants.append(("fairbench aa, bf16 search", AutoAttack(args.eps), SearchSettings(precision="bf16")))
     for label, attack, search in variants:
-        t0 = time.perf_counter()
-        samples = evaluate_split(model, split, [attack], args.eps, len(split), seed=0, search=search)
-        seconds = time.perf_counter() - t0
+        with counted_passes(model) as counts:
+            t0 = time.perf_counter()
+            samples = evaluate_split(model, split, [attack], args.eps, len(split), seed=0, search=search)
+            seconds = time.perf_counter() - t0
         flags = robust_flags(samples)
         robust = torch.tensor(flags[flags.suite == "autoattack"].sort_values("sample_idx")["correct"].to_numpy())
         print(f"{label:44s} {seconds:8.1f} s  {n / seconds:8.2f} images/s  robust {robust.float().mean():.4f}  "
-              f"speed ratio {ref_time / seconds:.2f}x  flags agree {int((ref_robust == robust).sum())}/{n}")
+              f"speed ratio {ref_time / seconds:.2f}x  flags agree {int((ref_robust == robust).sum())}/{n}  "
+              f"{passes(counts, n)}")
+    print("(evaluation.md 13.1, reference: a sample robust to all costs ~7860 F and ~1910 B; one broken by "
+          "APGD-CE ~104 F, ~101 B)")
+    t0 = time.perf_counter()
+    samples = evaluate_split(model, split, ["pgd20"], args.eps, len(split), seed=0)
+    seconds = time.perf_counter() - t0
+    flags = robust_flags(samples)
+    print(f"{'fairbench pgd20':44s} {seconds:8.1f} s  {n / seconds:8.2f} images/s  "
+          f"robust {flags[flags.suite == 'pgd20']['correct'].mean():.4f}")
 
 
 if __name__ == "__main__":

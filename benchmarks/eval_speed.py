@@ -4,10 +4,10 @@ The reference is torchattacks 3.5.1's components configured with AutoAttack's st
 (APGD-CE, APGD-T 9 targets, FAB-T 9 targets, 100 iterations each, Square 5000 queries without schedule
 rescaling), chained with its MultiAttack. fairbench runs `aa` as users get it: per-sample random streams,
 targets side by side, Square's next proposals evaluated together and its unchanged ones answered from
-memory, and a search model with BatchNorm folded and channels_last (verdicts by the unmodified model in
-strict fp32). Prints images/s of each, the ratio, how many per-sample robust flags agree, and the model
-passes per image (F forwards, B of them with an input gradient; evaluation.md 13.1), then the time of
-`pgd20` for comparison. `--reference-rng` adds fairbench in the
+memory, a search model with BatchNorm folded and channels_last (verdicts by the unmodified model in strict
+fp32), and on a CPU one single-threaded shard of the images per core. Prints images/s of each, the ratio,
+how many per-sample robust flags agree and the model passes per image (F forwards, B of them with an input
+gradient; evaluation.md 13.1), then the time of `pgd20`. `--reference-rng` adds fairbench in the
 reference's draw order on the unmodified model (flags identical by construction); `--bf16` adds a bf16
 search (opt-in, evaluation.md 12.2).
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,11 +68,13 @@ def reference_chain(model: torch.nn.Module, eps: float, n_classes: int):
 def counted_passes(model: torch.nn.Module) -> Iterator[dict[str, int]]:
     """Rows through `model` or a search copy of it: F (all) and B (with an input gradient, so a backward follows)."""
     counts = {"F": 0, "B": 0}
+    lock = threading.Lock()  # CPU shards run in threads
 
     def hook(module, inputs, output):
         if module is model or isinstance(module, SearchModel):
-            counts["F"] += len(inputs[0])
-            counts["B"] += len(inputs[0]) if torch.is_grad_enabled() and inputs[0].requires_grad else 0
+            with lock:
+                counts["F"] += len(inputs[0])
+                counts["B"] += len(inputs[0]) if torch.is_grad_enabled() and inputs[0].requires_grad else 0
 
     handle = torch.nn.modules.module.register_module_forward_hook(hook)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
@@ -18,7 +19,7 @@ from fairbench.attacks.square import Square
 from fairbench.data import load_dataset
 from fairbench.data.loader import DeviceSplit
 from fairbench.errors import FairbenchError
-from fairbench.evaluate import evaluate_split, robust_flags
+from fairbench.evaluate import cpu_shards, evaluate_split, robust_flags
 from fairbench.models import create_model
 from fairbench.spec import RunSpec, resolve
 from tests.attack_fixtures import digits_test, trained_digits_model
@@ -169,3 +170,17 @@ def test_attack_precision_is_part_of_the_run_only_when_chosen():
     bf16 = resolve(RunSpec(method="trades", dataset="digits", attack_precision="bf16"))
     assert "attack_precision" not in auto.as_dict() and bf16.as_dict()["attack_precision"] == "bf16"
     assert auto.run_id != bf16.run_id
+
+
+def test_cpu_shards_give_the_same_records():
+    """Shards run in threads, one intra-op thread each; per-sample streams make the records identical."""
+    model = trained_digits_model()
+    split = DeviceSplit.from_arrays(load_dataset("digits").test, torch.device("cpu")).subset(torch.arange(70))
+    suites = [ShortAutoAttack(0.1), "pgd20"]
+    threads = torch.get_num_threads()
+    one = evaluate_split(model, split, suites, 0.1, 70, seed=2, workers=1)
+    three = evaluate_split(model, split, suites, 0.1, 70, seed=2, workers=3)
+    assert torch.get_num_threads() == threads  # restored
+    pd.testing.assert_frame_equal(one, three)
+    assert one.success.any() and (~one.success).any()
+    assert cpu_shards(torch.device("cpu"), 70, 3) == 3 and cpu_shards(torch.device("cpu"), 20, 3) == 1

@@ -81,7 +81,7 @@ class SearchModel(nn.Module):
             with torch.autocast(x.device.type, dtype=torch.bfloat16):
                 return self.inner(x).float()
         if self.precision == "tf32":
-            with tf32_allowed(True):
+            with tf32_allowed(True, x.device):
                 return self.inner(x).float()
         return self.inner(x).float()
 
@@ -91,7 +91,12 @@ class SearchModel(nn.Module):
 
 
 @contextlib.contextmanager
-def tf32_allowed(allowed: bool) -> Iterator[None]:
+def tf32_allowed(allowed: bool, device: torch.device | None = None) -> Iterator[None]:
+    """TF32 for CUDA matmuls and convolutions on or off inside the block. The flags are process-global, so
+    for a CPU `device` (where they mean nothing) they are left alone: CPU evaluation shards run in threads."""
+    if device is not None and device.type != "cuda":
+        yield
+        return
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
     try:
@@ -106,7 +111,7 @@ def confirmed_misclassified(model: nn.Module, x: Tensor, y: Tensor, claimed: Ten
     fp32 where the search runs in reduced precision (evaluation.md 12.3); unchanged otherwise."""
     if not isinstance(model, SearchModel) or not model.reduced or not bool(claimed.any()):
         return claimed
-    with tf32_allowed(False):
+    with tf32_allowed(False, x.device):
         exact = model.exact[0](x[claimed].float()).float().argmax(1) != y[claimed]
     out = claimed.clone()
     out[claimed.clone()] = exact

@@ -99,11 +99,12 @@ class Square(EvalAttack):
         run.x_best = (run.x + self.eps * self._stripes(run.ids, (c, 1, w), seed)).clamp(0.0, 1.0)
         run.margin = margin(model(run.x_best).float(), run.y)
         run.finish(confirmed_misclassified(model, run.x_best, run.y, run.margin <= 0), out, queries, used=run.next + 1)
+        shared = self._reference_draws(c, x) if self.reference_rng else None
         while run.size:
-            k = 1 if self.reference_rng else max(1, min(self.lookahead, self.max_rows // run.size))
+            k = max(1, min(self.lookahead, self.max_rows // run.size))
             query = run.next[:, None] + torch.arange(k, device=x.device)  # (n, k) query indices
             valid = query < self.n_queries
-            x_new = self._proposals(run, sides[query.clamp(max=self.n_queries)], query, seed)
+            x_new = self._proposals(run, sides[query.clamp(max=self.n_queries)], query, seed, shared)
             m = self._query(model, x_new, valid, run)
             accepted = m < run.margin[:, None]
             hit = accepted.any(1)
@@ -118,11 +119,11 @@ class Square(EvalAttack):
             run.finish(run.next >= self.n_queries, None, queries, used=self.n_queries + 1)
         return out, queries
 
-    def _proposals(self, run: "_Running", side: Tensor, query: Tensor, seed: int) -> Tensor:
+    def _proposals(self, run: "_Running", side: Tensor, query: Tensor, seed: int,
+                   shared: tuple[Tensor, Tensor] | None) -> Tensor:
         """(n, k, c, h, w): x_best with one window of side `side` set to x -+ eps (then clipped) per query."""
-        n, k = query.shape
         c, h, w = run.x.shape[1:]
-        corner, step = self._draws(run, query, c, seed)
+        corner, step = self._draws(run, query, c, seed, shared)
         top, left = ((h - side) * corner[..., 0]).long(), ((w - side) * corner[..., 1]).long()
         rows, cols = torch.arange(h, device=side.device), torch.arange(w, device=side.device)
         in_rows = (rows >= top[..., None]) & (rows < (top + side)[..., None])
@@ -130,15 +131,24 @@ class Square(EvalAttack):
         inside = (in_rows[..., :, None] & in_cols[..., None, :]).to(run.x.dtype)  # (n, k, h, w)
         return (run.x_best[:, None] + inside[:, :, None] * step[..., None, None]).clamp(run.lo[:, None], run.hi[:, None])
 
-    def _draws(self, run: "_Running", query: Tensor, c: int, seed: int) -> tuple[Tensor, Tensor]:
+    def _draws(self, run: "_Running", query: Tensor, c: int, seed: int,
+               shared: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
         """Window corners in [0, 1)^2 (n, k, 2) and per-channel steps 2 eps * sign (n, k, c) of each query."""
-        n, k = query.shape
-        if self.reference_rng:  # one window and one sign per channel for the whole batch (k == 1)
-            corner = torch.rand([2]).to(run.x.device).expand(n, k, 2)  # float32, as the reference's arithmetic
-            signs = torch.sign(2 * torch.rand([c, 1, 1]) - 1).reshape(1, 1, c).to(run.x.device, run.x.dtype)
-            return corner, (2.0 * self.eps * signs).expand(n, k, c)
-        u = per_sample_uniform(run.ids, (k, 2 + c), seed, stream=7002, offset=query[:, 0] * (2 + c))
+        if shared is not None:  # reference RNG: one window and one sign per channel per query for the batch
+            corners, signs = shared
+            at = query.clamp(max=self.n_queries - 1)
+            return corners[at], 2.0 * self.eps * signs[at]
+        u = per_sample_uniform(run.ids, (query.shape[1], 2 + c), seed, stream=7002, offset=query[:, 0] * (2 + c))
         return u[..., :2].to(run.x.dtype), 2.0 * self.eps * _sign(u[..., 2:]).to(run.x.dtype)
+
+    def _reference_draws(self, c: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """The reference's per-query draws from the global RNG, in its order (corners, then channel signs),
+        all drawn up front: they do not depend on the state, so lookahead can use them too."""
+        corners, signs = [], []
+        for _ in range(self.n_queries):
+            corners.append(torch.rand([2]))  # float32, as the reference's corner arithmetic
+            signs.append(torch.sign(2 * torch.rand([c, 1, 1]) - 1).reshape(c))
+        return torch.stack(corners).to(like.device), torch.stack(signs).to(like.device, like.dtype)
 
     @staticmethod
     def _query(model: nn.Module, x_new: Tensor, valid: Tensor, run: "_Running") -> Tensor:

@@ -128,7 +128,8 @@ def evaluate_split(model: nn.Module, split: DeviceSplit, attacks: list[str | Eva
                                   pred, margin, torch.zeros(len(y), device=y.device)))
             shards = cpu_shards(x.device, len(x), workers)
             for name, attack in suites:
-                parts.extend(_attack_sharded(model, searcher, name, attack, x, y, ids, correct, seed, shards))
+                parts.extend(_attack_sharded(model, searcher, name, attack, x, y, ids, correct, seed,
+                                             shards if attack.shardable else 1))
                 for m, state in states:
                     state.verify(m, f"the {name} attack")
     frame = pd.DataFrame({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})

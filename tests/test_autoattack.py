@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from fairbench.attacks.a3 import A3
 from fairbench.attacks.apgd import APGD
 from fairbench.attacks.autoattack import AutoAttack
 from fairbench.attacks.pgd import PGD
@@ -88,7 +89,8 @@ def linear_problem(c: int, n: int = 200, seed: int = 0):
 
 
 @pytest.mark.parametrize("make", [lambda eps: APGD(eps, "ce", steps=100),
-                                  lambda eps: PGD(eps, steps=20, alpha=eps / 8)])
+                                  lambda eps: PGD(eps, steps=20, alpha=eps / 8),
+                                  lambda eps: A3(eps)])
 def test_known_answers_on_a_two_class_linear_model(make):
     """With two classes the sign of the CE gradient is the optimal L-inf direction and the box never binds,
     so exactly the samples with radius < eps can be broken (evaluation.md 15.3)."""

@@ -27,6 +27,9 @@ class EvalAttack:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    shardable: ClassVar[bool] = True
+    """Whether a sample's record is independent of the other samples in its chunk, so that a chunk may be
+    split into CPU shards."""
 
     def __init__(self, eps: float):
         self.eps = eps
@@ -67,6 +70,7 @@ def create_attack(name: str, eps: float) -> EvalAttack:
 
 
 def _load() -> None:
+    import fairbench.attacks.a3  # noqa: F401
     import fairbench.attacks.apgd  # noqa: F401
     import fairbench.attacks.fab  # noqa: F401
     import fairbench.attacks.autoattack  # noqa: F401

@@ -95,7 +95,8 @@ def classwise_table(samples: pd.DataFrame, resolved: ResolvedRun, class_names: t
     spec = resolved.spec
     table = table.assign(
         run_id=resolved.run_id, method=spec.method, dataset=spec.dataset, arch=resolved.arch,
-        protocol=resolved.protocol_id, seed=spec.seed, eps=table["attack"].map(eps_of).astype(float),
+        protocol=resolved.protocol_id, seed=spec.seed,
+        eps=table["attack"].map(lambda a: eps_of.get(a, eps_of.get(a.split("+")[0]))).astype(float),
         class_name=np.asarray(class_names, dtype=object)[table["class_id"].to_numpy()], **provenance(resolved))
     return table[CLASSWISE_COLUMNS]
 

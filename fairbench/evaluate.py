@@ -151,7 +151,9 @@ def _suite(attack: str | EvalAttack, eps: float) -> tuple[str, EvalAttack]:
 
 
 def robust_flags(samples: pd.DataFrame) -> pd.DataFrame:
-    """One row per (suite, sample): correct = clean-correct and no component of the suite succeeded."""
+    """One row per (suite, sample): correct = clean-correct and no component of the suite succeeded. Where
+    both `aa` and the experimental `a3` ran (at the same radius label), a derived suite `aa+a3` is robust
+    under both: the informative number for A3 (evaluation.md 8.1)."""
     clean = samples[samples.suite == "clean"].set_index("sample_idx")
     clean_ok = ~clean["success"]
     frames = [pd.DataFrame({"suite": "clean", "sample_idx": clean.index, "label": clean["label"].values,
@@ -162,7 +164,23 @@ def robust_flags(samples: pd.DataFrame) -> pd.DataFrame:
         broken["label"] = clean.loc[broken.sample_idx, "label"].values
         broken["correct"] = clean_ok.loc[broken.sample_idx].values & ~broken["success"].values
         frames.append(broken[["suite", "sample_idx", "label", "correct"]])
+        frames.extend(_unions(broken))
     return pd.concat(frames, ignore_index=True)
+
+
+def _unions(flags: pd.DataFrame) -> list[pd.DataFrame]:
+    out = []
+    suites = set(flags["suite"])
+    for a3 in sorted(s for s in suites if s.split("@")[0] == "a3"):
+        label = a3.partition("@")[2]
+        aa = "aa" + ("@" + label if label else "")
+        if aa not in suites:
+            continue
+        both = flags[flags.suite == aa].merge(flags[flags.suite == a3][["sample_idx", "correct"]], on="sample_idx",
+                                              suffixes=("", "_a3"))
+        out.append(both.assign(suite=f"{aa}+a3", correct=both["correct"] & both["correct_a3"])[
+            ["suite", "sample_idx", "label", "correct"]])
+    return out
 
 
 def per_class_counts(samples: pd.DataFrame, num_classes: int) -> pd.DataFrame:

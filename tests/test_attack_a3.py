@@ -9,7 +9,7 @@ from fairbench.attacks.a3 import A3, BIAS, DISCARD, OPENING, cosine_step, n_targ
 from fairbench.attacks.registry import DESCRIPTIONS, create_attack
 from fairbench.data import load_dataset
 from fairbench.data.loader import DeviceSplit
-from fairbench.evaluate import evaluate_split, robust_flags
+from fairbench.evaluate import evaluate_split, per_class_counts, robust_flags
 from fairbench.spec import RunSpec
 from tests.attack_fixtures import trained_digits_model
 
@@ -52,3 +52,16 @@ def test_a3_on_a_trained_model_is_experimental_reproducible_and_stronger_than_pg
     assert flags["a3"] <= flags["pgd20"] < flags["clean"]
     won = first[(first.suite == "a3") & first.success]
     assert len(won) and (won.linf <= 0.08 + 1e-6).all()
+
+
+def test_aa_and_a3_records_give_the_union_suite():
+    """'aa+a3' is robust only where both suites left the sample standing (here PGD-20's records play 'aa')."""
+    model = trained_digits_model()
+    split = DeviceSplit.from_arrays(load_dataset("digits").test, torch.device("cpu")).subset(torch.arange(30))
+    samples = evaluate_split(model, split, [A3(0.08, min_attacked=4), "apgd-ce"], 0.08, 30, seed=1)
+    samples["suite"] = samples["suite"].replace({"apgd-ce": "aa"})
+    flags = robust_flags(samples).pivot(index="sample_idx", columns="suite", values="correct")
+    assert "aa+a3" in flags and flags["aa"].sum() > 0
+    assert (flags["aa+a3"] == (flags["aa"] & flags["a3"])).all()
+    counts = per_class_counts(samples, 10).groupby("attack").correct.sum()
+    assert counts["aa+a3"] == int((flags["aa"] & flags["a3"]).sum()) <= min(counts["aa"], counts["a3"])

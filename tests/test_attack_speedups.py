@@ -13,6 +13,7 @@ import torch.nn as nn
 from fairbench.attacks.apgd import APGD
 from fairbench.attacks.autoattack import AutoAttack
 from fairbench.attacks.fab import FAB
+from fairbench.attacks.official import OfficialAutoAttack
 from fairbench.attacks.registry import create_attack
 from fairbench.attacks.search import EXACT, SearchModel, SearchSettings, confirmed_misclassified, search_model
 from fairbench.attacks.square import Square
@@ -184,3 +185,15 @@ def test_cpu_shards_give_the_same_records():
     pd.testing.assert_frame_equal(one, three)
     assert one.success.any() and (~one.success).any()
     assert cpu_shards(torch.device("cpu"), 70, 3) == 3 and cpu_shards(torch.device("cpu"), 20, 3) == 1
+
+
+def test_attacks_drawing_from_the_global_rng_are_never_sharded():
+    """The reference-RNG modes draw in the reference's batch order from the global RNG: sharded threads would
+    interleave those draws. They run whole, so the records do not depend on the worker count."""
+    assert not AutoAttack(0.1, reference_rng=True).shardable and not Square(0.1, reference_rng=True).shardable
+    assert not OfficialAutoAttack.shardable and AutoAttack(0.1).shardable
+    model = trained_digits_model()
+    split = DeviceSplit.from_arrays(load_dataset("digits").test, torch.device("cpu")).subset(torch.arange(40))
+    runs = [evaluate_split(model, split, [ShortAutoAttack(0.1, reference_rng=True)], 0.1, 40, seed=0, workers=w)
+            for w in (1, 2)]
+    pd.testing.assert_frame_equal(*runs)

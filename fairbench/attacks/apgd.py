@@ -176,6 +176,10 @@ class APGD(EvalAttack):
     Reference-RNG mode (`start_noise`) always runs them one after the other, as the reference does."""
     start_noise: NoiseFn | None = field(default=None, repr=False)
 
+    @property
+    def shardable(self) -> bool:  # injected reference noise is drawn from the global RNG in batch order
+        return self.start_noise is None
+
     def settings(self) -> dict:
         out = {"eps": self.eps, "loss": self.loss, "steps": self.steps, "restarts": self.restarts,
                "rho": self.rho, "eot": self.eot, "early_stop": self.early_stop}

@@ -33,6 +33,10 @@ class AutoAttack(EvalAttack):
     """Draw noise as the reference component chain does (global RNG reseeded to `seed` before each
     component, windows shared across the batch), so flags can be compared one to one (tests, benchmarks)."""
 
+    @property
+    def shardable(self) -> bool:  # the reference's draws come from the global RNG in batch order
+        return not self.reference_rng
+
     def components(self) -> list[EvalAttack]:
         noise = reference_noise if self.reference_rng else None
         if self.version == "rand":

@@ -9,7 +9,7 @@ the same per-sample records as for `aa`. Official seeding applies: one reseed pe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch.nn as nn
 from torch import Tensor
@@ -54,6 +54,7 @@ def run_component(adversary: Any, name: str, x: Tensor, y: Tensor) -> Tensor:
 class OfficialAutoAttack(EvalAttack):
     eps: float
     version: str = "standard"
+    shardable: ClassVar[bool] = False  # the package reseeds and draws from the global RNG, batch by batch
 
     def settings(self) -> dict:
         return {"eps": self.eps, "version": self.version, "implementation": "fra31/auto-attack (installed)"}

@@ -63,6 +63,10 @@ class Square(EvalAttack):
     max_rows: int = 4096
     """Cap on lookahead x running samples, the rows of one forward (memory)."""
 
+    @property
+    def shardable(self) -> bool:  # the reference's windows come from the global RNG, shared by the batch
+        return not self.reference_rng
+
     def settings(self) -> dict:
         return {"eps": self.eps, "n_queries": self.n_queries, "p_init": self.p_init,
                 "rescale_schedule": self.rescale_schedule, "loss": "margin", "restarts": 1}

@@ -253,6 +253,14 @@ def table(results_dir, fmt, last_k, worst, baseline, rho_variant, attacks, outpu
     else:
         for item in rendered:
             console.print(item)
+    if not check_reference:
+        from fairbench.evalchecks import stored_warnings
+
+        raised = stored_warnings(results_dir)
+        for line in raised[:20]:
+            err_console.print(f"[yellow]check:[/yellow] {line}", highlight=False)
+        if len(raised) > 20:
+            err_console.print(f"... and {len(raised) - 20} more raised checks (see `checks` in each run.json)")
 
 
 @cli.command(name="methods")

@@ -12,9 +12,11 @@ points far inside the eps-ball).
 """
 from __future__ import annotations
 
+import json
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import pandas as pd
@@ -198,3 +200,20 @@ def epoch_checks(samples: pd.DataFrame, model: dict, eps_of: dict[str, float]) -
     """The stored form: model flags, per-suite flags, and the warnings they raise."""
     suites = suite_flags(samples, eps_of)
     return {"model": model, "suites": suites, "warnings": warnings_for(model, suites)}
+
+
+def stored_warnings(results_dir: str | Path) -> list[str]:
+    """The raised checks of every run under `results_dir` (training-time evaluation and later `fairbench
+    eval`s), as `run_id epoch E: warning` lines: tables are what people read, run.json is not."""
+    lines = []
+    for path in sorted(Path(results_dir).rglob("run.json")):
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        run_id = meta.get("run_id", path.parent.name)
+        blocks = [meta.get("checks") or {}] + [e.get("checks") or {} for e in meta.get("evaluations", [])]
+        for block in blocks:
+            for epoch, checks in block.items():
+                lines.extend(f"{run_id} epoch {epoch}: {w}" for w in checks.get("warnings", []))
+    return list(dict.fromkeys(lines))

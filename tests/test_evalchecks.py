@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
@@ -16,12 +17,14 @@ from fairbench.attacks.registry import ComponentOutput, EvalAttack
 from fairbench.attacks.square import Square
 from fairbench.data import load_dataset
 from fairbench.data.loader import DeviceSplit
-from fairbench.evalchecks import ModelStateChangedError, model_flags, robust_accuracy, suite_flags, warnings_for
+from fairbench.evalchecks import (ModelStateChangedError, epoch_checks, model_flags, robust_accuracy, suite_flags,
+                                  warnings_for)
 from fairbench.evaluate import evaluate_split
-from fairbench.results import run_dir
+from fairbench.results import run_dir, write_json
 from fairbench.runner import run_one
 from fairbench.spec import RunSpec, resolve
 from tests.attack_fixtures import digits_test, trained_digits_model
+from tests.conftest import run_cli
 
 
 class Wrapped(nn.Module):
@@ -154,12 +157,22 @@ def test_an_attack_that_changes_the_model_stops_the_evaluation(switch_back, mess
         evaluate_split(model, digits_split(20), [TrainModeAttack(0.1, switch_back)], 0.1, 20, search=None)
 
 
-def test_a_run_stores_its_checks(tmp_path):
+def test_a_run_stores_its_checks_and_the_table_command_shows_raised_ones(tmp_path, capsys):
     spec = RunSpec(method="trades", dataset="digits", epochs=2, batch_size=64, train_per_class=30,
                    eval_per_class=5, eval_last=1, overrides={"steps": "2"})
     run_one(spec, tmp_path)
-    meta = json.loads((run_dir(tmp_path, resolve(spec).run_id) / "run.json").read_text())
+    folder = run_dir(tmp_path, resolve(spec).run_id)
+    meta = json.loads((folder / "run.json").read_text())
     checks = meta["checks"]["2"]
     assert checks["model"]["randomised"] is False and checks["model"]["dynamic"] is False
     assert set(checks["suites"]) == {"pgd20"} and len(checks["suites"]["pgd20"]["prefix_robust"]) == 1
     assert isinstance(checks["warnings"], list)
+    # a later evaluation whose model raised a flag (a softmax head): `fairbench table` reports it
+    x, y = digits_test(30)
+    raised = epoch_checks(pd.read_parquet(folder / "samples.parquet").query("epoch == 2"),
+                          model_flags(Softmax(trained_digits_model()), x, y), {})
+    meta.setdefault("evaluations", []).append({"attacks": ["pgd20"], "checks": {"2": raised}})
+    write_json(folder / "run.json", meta)
+    code, out, err = run_cli(["table", "--results", str(tmp_path), "--format", "md"], capsys)
+    assert code == 0 and "trades" in out
+    assert f"check: {meta['run_id']} epoch 2: the model outputs probabilities" in " ".join(err.split())

@@ -159,21 +159,21 @@ def robust_accuracy(flags: dict) -> float | None:
     return list(prefix.values())[-1] if prefix else None
 
 
+MODEL_WARNINGS = {
+    "randomised": "the model is randomised (repeated forwards differ): use aa-rand, AutoAttack's version for "
+                  "stochastic models",
+    "probabilities": "the model outputs probabilities, not logits: CE and DLR on probabilities weaken the attacks; "
+                     "remove the final softmax",
+    "dynamic": "the model calls autograd inside its forward (a dynamic defence): white-box gradients may be "
+               "meaningless; an adaptive attack is needed",
+    "batch_dependent": "a sample's prediction changes with the batch it is in (BatchNorm in train mode?): results "
+                       "depend on the batch size",
+}
+
+
 def warnings_for(model: dict, suites: dict[str, dict]) -> list[str]:
     """One line per raised flag, saying what it suggests."""
-    lines = []
-    if model.get("randomised"):
-        lines.append("the model is randomised (repeated forwards differ): use aa-rand, AutoAttack's version for "
-                     "stochastic models")
-    if model.get("probabilities"):
-        lines.append("the model outputs probabilities, not logits: CE and DLR on probabilities weaken the attacks; "
-                     "remove the final softmax")
-    if model.get("dynamic"):
-        lines.append("the model calls autograd inside its forward (a dynamic defence): white-box gradients may be "
-                     "meaningless; an adaptive attack is needed")
-    if model.get("batch_dependent"):
-        lines.append("a sample's prediction changes with the batch it is in (BatchNorm in train mode?): results "
-                     "depend on the batch size")
+    lines = [message for flag, message in MODEL_WARNINGS.items() if model.get(flag)]
     if model.get("zero_gradient_samples"):
         lines.append(f"{model['zero_gradient_samples']} clean-correct samples have an all-zero input gradient: "
                      f"gradient attacks cannot move them (gradient masking?)")

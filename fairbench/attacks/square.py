@@ -163,10 +163,11 @@ class Square(EvalAttack):
         changed = (x_new != run.x_best[:, None]).flatten(2).any(2) & valid
         m = torch.where(valid, run.margin[:, None], float("inf")).flatten()
         sel = changed.flatten().nonzero().squeeze(1)
+        labels = run.y.repeat_interleave(k)
         if len(sel) == len(m):
-            return margin(model(flat).float(), run.y.repeat_interleave(k)).view(n, k)
+            return margin(model(flat).float(), labels).view(n, k)
         if len(sel):
-            m[sel] = margin(model(flat[sel]).float(), run.y.repeat_interleave(k)[sel])
+            m[sel] = margin(model(flat[sel]).float(), labels[sel])
         return m.view(n, k)
 
     def _stripes(self, ids: Tensor, shape: tuple[int, ...], seed: int) -> Tensor:

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from fairbench.allocator import keep_freed_memory
 from fairbench.attacks.pgd import project
 from fairbench.attacks.registry import EvalAttack, create_attack
 from fairbench.attacks.search import SearchSettings, search_model, tf32_allowed
@@ -98,6 +99,7 @@ def _attack_sharded(model: nn.Module, searcher: nn.Module, suite: str, attack: E
 
     if shards == 1:
         return part(slice(None))
+    keep_freed_memory()  # the shards' per-thread heaps would hand their pages back every iteration
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -134,7 +134,7 @@ def _average_last_checkpoints(ckpt: pd.DataFrame, last_k: int | None, order: pd.
         ckpt = ckpt[ckpt.groupby(keys, sort=False, dropna=False).cumcount() < last_k]
     out = ckpt.groupby(keys, sort=False, dropna=False).agg(
         avg=("avg", "mean"), worst=("worst", "mean"), n_checkpoints=("epoch", "size"),
-        last_epoch=("epoch", "max")).reset_index()
+        last_epoch=("epoch", "max"), n_samples=("n", "min")).reset_index()
     out[["avg", "worst"]] *= 100.0
     rank = pd.MultiIndex.from_frame(out[["run_id", "attack"]]).map(order.to_dict())
     return out.iloc[np.argsort(np.asarray(rank), kind="stable")].reset_index(drop=True)
@@ -174,9 +174,9 @@ def fairness_table(
 
 def _join_clean(rm: pd.DataFrame, attacks: Sequence[str] | None) -> pd.DataFrame:
     """Per (run, robust attack): rob_avg, rob_worst plus the run's clean_avg, clean_worst."""
-    clean = rm.loc[rm["attack"] == CLEAN, RUN_KEYS + ["avg", "worst"]].rename(
-        columns={"avg": "clean_avg", "worst": "clean_worst"})
-    rob = rm.loc[rm["attack"] != CLEAN, RUN_KEYS + ["attack", "avg", "worst", "n_checkpoints"]]
+    clean = rm.loc[rm["attack"] == CLEAN, RUN_KEYS + ["avg", "worst", "n_samples"]].rename(
+        columns={"avg": "clean_avg", "worst": "clean_worst", "n_samples": "clean_n_samples"})
+    rob = rm.loc[rm["attack"] != CLEAN, RUN_KEYS + ["attack", "avg", "worst", "n_checkpoints", "n_samples"]]
     available = list(pd.unique(rob["attack"]))
     if attacks is not None:
         for a in attacks:
@@ -184,7 +184,7 @@ def _join_clean(rm: pd.DataFrame, attacks: Sequence[str] | None) -> pd.DataFrame
                 raise UnknownNameError("attack", a, available)
         rob = rob[rob["attack"].isin(list(attacks))]
     elif rob.empty:  # only clean evaluated so far: still show the clean columns
-        rob = rm.loc[rm["attack"] == CLEAN, RUN_KEYS + ["n_checkpoints"]].assign(
+        rob = rm.loc[rm["attack"] == CLEAN, RUN_KEYS + ["n_checkpoints", "n_samples"]].assign(
             attack=NO_ATTACK, avg=math.nan, worst=math.nan)
     rob = rob.rename(columns={"avg": "rob_avg", "worst": "rob_worst"})
     return rob.merge(clean, on=RUN_KEYS, how="left")
@@ -205,7 +205,8 @@ def _aggregate_seeds(per_run: pd.DataFrame, last_k: int | None) -> pd.DataFrame:
 
 
 def _seed_notes(runs: pd.DataFrame, last_k: int | None) -> list[str]:
-    """Notes on a method's runs: missing clean results, fewer checkpoints than asked, repeated seeds."""
+    """Notes on a method's runs: missing clean results, fewer checkpoints than asked, repeated seeds,
+    robust columns from fewer test samples than the clean ones."""
     notes = []
     n_missing = int(runs["clean_avg"].isna().sum())
     if n_missing:
@@ -215,6 +216,10 @@ def _seed_notes(runs: pd.DataFrame, last_k: int | None) -> list[str]:
         notes.append(f"some runs have only {fewest} checkpoint(s) (last_k={last_k})")
     if runs["seed"].nunique() < len(runs):
         notes.append("several runs share a seed")
+    subset = runs[runs["n_samples"] < runs["clean_n_samples"]]
+    if len(subset):  # `fairbench eval --n-examples`: robust and clean columns come from different samples
+        notes.append(f"robust columns from {int(subset['n_samples'].min())} of "
+                     f"{int(subset['clean_n_samples'].max())} test samples per checkpoint")
     return notes
 
 

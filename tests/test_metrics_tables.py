@@ -299,6 +299,16 @@ def test_fairness_table_groups_per_attack_and_filters():
         tables.fairness_table(both, attacks=["apgd"])
 
 
+def test_fairness_table_notes_robust_columns_from_fewer_samples():
+    """`fairbench eval --n-examples 10` on the last checkpoint: its robust columns come from 10 samples
+    per class while the clean ones come from the whole test set, and the table says so."""
+    df = synthetic_results()
+    aa = df[(df["attack"] == "pgd20") & (df["epoch"] == 6)].assign(attack="aa", n=10, correct=5)
+    t = tables.fairness_table(pd.concat([df, aa], ignore_index=True)).set_index("attack")
+    assert all("robust columns from 30 of 250 test samples per checkpoint" in n for n in t.loc["aa", "note"])
+    assert not any("test samples" in n for n in t.loc["pgd20", "note"])
+
+
 def test_fairness_table_single_seed_and_missing_baseline():
     df = synthetic_results()
     one = df[df["seed"] == 0]

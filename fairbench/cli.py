@@ -216,8 +216,11 @@ def _eps_sweep(text: str, eval_eps: str | None, attacks: list[str]) -> list[floa
               help="With --paper: ours beside the published numbers, difference ours - paper.")
 @click.option("--check-reference", is_flag=True,
               help="Recompute the published rho of the TRIX and DAFA tables with both conventions; needs no results.")
+@click.option("--union", is_flag=True,
+              help="Also the suite robust under every attack suite run on a checkpoint (e.g. pgd20+aa), on the "
+                   "samples all of them attacked.")
 def table(results_dir, fmt, last_k, worst, baseline, rho_variant, attacks, output, paper_table, compare,
-          check_reference) -> None:
+          check_reference, union) -> None:
     """Average / worst-class accuracy and rho per method, mean ± std over seeds; or the TRIX paper's tables."""
     from functools import partial
 
@@ -235,13 +238,13 @@ def table(results_dir, fmt, last_k, worst, baseline, rho_variant, attacks, outpu
             raise FairbenchError(f"--paper {paper_table} uses the paper's worst={spec.worst}; drop --worst {worst}")
         if attacks and "," in attacks:
             raise FairbenchError("--paper shows one robust attack; give a single --attack")
-        opts = dict(results_table=load_results(results_dir), table_id=paper_table, last_k=last_k,
+        opts = dict(results_table=load_results(results_dir, union=union), table_id=paper_table, last_k=last_k,
                     baseline=baseline, rho_variant=rho_variant, attack=attacks)
         render = (partial(paper.format_comparison, paper.compare_with_paper(**opts)) if compare
                   else partial(paper.format_paper_layout, paper.paper_layout(**opts)))
     else:
         render = partial(format_table, fairness_table(
-            load_results(results_dir), last_k=last_k, worst=worst, baseline=baseline, rho_variant=rho_variant,
+            load_results(results_dir, union=union), last_k=last_k, worst=worst, baseline=baseline, rho_variant=rho_variant,
             attacks=attacks.split(",") if attacks else None))
     rendered = render(fmt)
     if output:

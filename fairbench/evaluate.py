@@ -185,9 +185,28 @@ def _unions(flags: pd.DataFrame) -> list[pd.DataFrame]:
     return out
 
 
+def union_of_suites(flags: pd.DataFrame) -> pd.DataFrame | None:
+    """Robust under every attack suite run at the run's radius (evaluation.md 0.3), named like `pgd20+aa`:
+    one row per sample that all of them attacked; None with fewer than two such suites. Suites at another
+    radius (`aa@4/255`) and derived ones (`aa+a3`) do not take part."""
+    suites = [s for s in pd.unique(flags["suite"]) if s != "clean" and "@" not in s and "+" not in s]
+    if len(suites) < 2:
+        return None
+    runs = flags[flags["suite"].isin(suites)]
+    wide = runs.pivot(index="sample_idx", columns="suite", values="correct")[suites].dropna()
+    labels = runs.drop_duplicates("sample_idx").set_index("sample_idx")["label"]
+    return pd.DataFrame({"suite": "+".join(suites), "sample_idx": wide.index,
+                         "label": labels.loc[wide.index].to_numpy(),
+                         "correct": wide.astype(bool).all(axis=1).to_numpy()})
+
+
 def per_class_counts(samples: pd.DataFrame, num_classes: int) -> pd.DataFrame:
     """(suite, class_id, n, correct) for every class, including classes with zero correct."""
-    flags = robust_flags(samples)
+    return class_counts(robust_flags(samples), num_classes)
+
+
+def class_counts(flags: pd.DataFrame, num_classes: int) -> pd.DataFrame:
+    """`per_class_counts` from robust flags (one row per suite and sample)."""
     rows = []
     for suite, group in flags.groupby("suite", sort=False):
         labels = group["label"].to_numpy().astype(np.int64)

@@ -42,14 +42,39 @@ class ResultsWarning(UserWarning):
 
 # ----------------------------------------------------------------------------------------- loading
 
-def load_results(results_dir: str | Path) -> pd.DataFrame:
-    """Concatenate every `**/classwise.parquet` under `results_dir`; unreadable files are skipped."""
+def load_results(results_dir: str | Path, union: bool = False) -> pd.DataFrame:
+    """Concatenate every `**/classwise.parquet` under `results_dir`; unreadable files are skipped.
+    `union`: add, per checkpoint, the suite robust under every attack suite run there (`union_rows`)."""
     root = Path(results_dir)
     files = sorted(root.rglob("classwise.parquet")) if root.is_dir() else []
-    frames = [f for f in (_read_classwise(p) for p in files) if f is not None]
+    frames = []
+    for path in files:
+        frame = _read_classwise(path)
+        if frame is not None:
+            frames += [frame, union_rows(frame, path.parent / "samples.parquet")] if union else [frame]
     if not frames:
         raise FairbenchError(f"no results under {root}; run `fairbench run ...` first")
     return pd.concat(frames, ignore_index=True)
+
+
+def union_rows(classwise: pd.DataFrame, samples_path: Path) -> pd.DataFrame:
+    """Per-class rows of the suite robust under every attack suite run on a checkpoint (e.g. `pgd20+aa`,
+    on the samples all of them attacked), from the run's per-sample records; none without them."""
+    from fairbench.evaluate import class_counts, robust_flags, union_of_suites
+
+    if not samples_path.is_file():
+        return classwise.iloc[:0]
+    out = [classwise.iloc[:0]]
+    for epoch, records in pd.read_parquet(samples_path).groupby("epoch", sort=True):
+        union = union_of_suites(robust_flags(records))
+        if union is None:
+            continue
+        name = union["suite"].iloc[0]
+        like = classwise[(classwise["epoch"] == epoch) & (classwise["attack"] == name.split("+")[0])]
+        counts = class_counts(union, int(like["class_id"].max()) + 1).set_index("class_id")
+        out.append(like.assign(attack=name, n=counts.loc[like["class_id"], "n"].to_numpy(),
+                               correct=counts.loc[like["class_id"], "correct"].to_numpy()))
+    return pd.concat(out, ignore_index=True)
 
 
 def _read_classwise(path: Path) -> pd.DataFrame | None:

@@ -14,6 +14,7 @@ from fairbench.evalrun import evaluate_resumable, evaluate_run, select_epochs
 from fairbench.results import run_dir
 from fairbench.runner import run_one
 from fairbench.spec import RunSpec, resolve
+from fairbench.tables import load_results
 from tests.attack_fixtures import trained_digits_model
 
 
@@ -47,6 +48,16 @@ def test_eval_adds_a_suite_to_a_finished_run(tmp_path):
                                   check_like=True)  # the clean and pgd20 counts are unchanged
     samples = pd.read_parquet(folder / "samples.parquet")
     assert set(samples.suite) == {"clean", "pgd20", "apgd-ce"}
+    # `fairbench table --union`: robust under both suites, on the 50 samples both attacked at epoch 3
+    assert "pgd20+apgd-ce" not in set(load_results(tmp_path).attack)
+    union = load_results(tmp_path, union=True).query("attack == 'pgd20+apgd-ce'")
+    last = samples[samples.epoch == 3]
+    clean_ok = set(last[(last.suite == "clean") & ~last.success].sample_idx)
+    broken = last[last.suite != "clean"].groupby(["sample_idx", "suite"]).success.any().unstack().dropna()
+    assert set(union.epoch) == {3} and union.n.sum() == len(broken) == 50
+    assert 0 < union.correct.sum() < 50
+    assert union.correct.sum() == sum(i in clean_ok and not row.any() for i, row in broken.iterrows())
+    assert (union.set_index("class_id").correct <= new.set_index("class_id").correct).all()
     assert not (folder / "partial_eval").exists()
     evaluate_run(folder, ["apgd-ce"], checkpoints="final", per_class=5)  # again: replaced, not duplicated
     assert len(pd.read_parquet(folder / "classwise.parquet")) == len(after)

@@ -184,6 +184,31 @@ def eval_cmd(targets, attack, checkpoints, n_examples, eval_eps, eps_sweep, atta
         err_console.print(f"done: {len(folders)} run(s); `fairbench table` shows the new columns")
 
 
+@cli.command(name="ab-check")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--attack", default="aa", show_default=True, help="The suite to check.")
+@click.option("--checkpoint", default="final", show_default=True, help="final, or an epoch.")
+@click.option("--n-examples", type=int, default=1000, show_default=True, help="About N class-stratified test images.")
+@click.option("--data-dir", default=None)
+@click.option("--device", default="auto", show_default=True)
+def ab_check(run_dir, attack, checkpoint, n_examples, data_dir, device) -> None:
+    """Attack one checkpoint in fp32 and in bf16 and compare (evaluation.md 12.2), before tables use bf16.
+
+    Passes within 0.3 points overall and within 2 binomial standard errors per class; the result is stored
+    in the run's run.json. Exit status 1 if it fails: keep fp32 for this dataset and architecture.
+    """
+    from fairbench.attacks.registry import create_attack
+    from fairbench.precision_ab import run_precision_ab
+    from fairbench.progress import RichReporter
+
+    create_attack(attack, 8 / 255)  # an unknown name fails before any work
+    with RichReporter(err_console) as reporter:
+        ab = run_precision_ab(Path(run_dir), attack, checkpoint, n_examples, data_dir, device, reporter)
+    click.echo(ab.summary())
+    if not ab.passed:
+        sys.exit(1)
+
+
 def _eps_sweep(text: str, eval_eps: str | None, attacks: list[str]) -> list[float]:
     """'0,2,4,8' -> radii k/255 (an entry with '/' is taken as written); every attack must use them."""
     from fairbench.attacks.registry import create_attack
@@ -259,7 +284,9 @@ def table(results_dir, fmt, last_k, worst, baseline, rho_variant, attacks, outpu
     if not check_reference:
         from fairbench.evalchecks import stored_warnings
 
-        raised = stored_warnings(results_dir)
+        from fairbench.precision_ab import unchecked_bf16
+
+        raised = stored_warnings(results_dir) + unchecked_bf16(results_dir)
         for line in raised[:20]:
             err_console.print(f"[yellow]check:[/yellow] {line}", highlight=False)
         if len(raised) > 20:

@@ -152,17 +152,24 @@ def load_run_spec(folder: Path) -> tuple[RunSpec, dict]:
     return RunSpec(**spec), meta
 
 
-def evaluate_run(folder: Path, attacks: list[str], checkpoints: str = "last5", per_class: int | None = None,
-                 eps: float | None = None, data_dir: str | None = None, device: str = "auto",
-                 reporter: Reporter | None = None, label_eps: bool = False,
-                 n_examples: int | None = None, precision: str | None = None) -> Path:
-    """Add the records of `attacks` on the chosen checkpoints of a finished run to its result files.
+@dataclasses.dataclass
+class OpenedRun:
+    """A finished run ready to evaluate: its stored spec and metadata, model builder and test split."""
 
-    `label_eps`: store each suite as `eps_suite_name` (e.g. 'pgd20@4/255'), so evaluations at several radii
-    (an eps sweep) sit side by side instead of replacing each other and the run's own 'pgd20' rows. A radius
-    other than the run's own always gets such names, so rows of one suite name never mix two radii.
-    """
-    reporter = reporter or SilentReporter()
+    folder: Path
+    spec: RunSpec
+    meta: dict
+    resolved: ResolvedRun
+    dataset: object
+    trainer: Trainer
+    epochs: list[int]
+    split: DeviceSplit
+
+
+def open_run(folder: Path, checkpoints: str, per_class: int | None = None, data_dir: str | None = None,
+             device: str = "auto", n_examples: int | None = None) -> OpenedRun:
+    """Load a finished run (its folder, or one of its checkpoint files for that epoch) for evaluation on
+    the chosen checkpoints and test samples (`per_class`, or about `n_examples` stratified)."""
     folder = Path(folder)
     if folder.suffix == ".pt":  # a checkpoint file: evaluate that epoch of its run
         checkpoints, folder = str(int(folder.stem.split("_")[1])), folder.parent.parent
@@ -175,23 +182,38 @@ def evaluate_run(folder: Path, attacks: list[str], checkpoints: str = "last5", p
     dataset = load_dataset(spec.dataset, spec.data_dir)
     trainer = Trainer.build(resolved, dataset, select_device(device))
     epochs = select_epochs(sorted(list_checkpoints(folder / "checkpoints")), checkpoints)
-    eps = spec.eval_eps if eps is None else eps
-    label_eps = label_eps or eps != spec.eval_eps
     if n_examples and not per_class:  # about N images: the first N/C of each class
         per_class = max(1, n_examples // dataset.num_classes)
     split = eval_split(resolved, dataset, trainer.device, per_class)
-    reporter.message(f"{resolved.run_id}: {', '.join(attacks)} on epochs {epochs}, {len(split)} test samples")
+    return OpenedRun(folder, spec, meta, resolved, dataset, trainer, epochs, split)
+
+
+def evaluate_run(folder: Path, attacks: list[str], checkpoints: str = "last5", per_class: int | None = None,
+                 eps: float | None = None, data_dir: str | None = None, device: str = "auto",
+                 reporter: Reporter | None = None, label_eps: bool = False,
+                 n_examples: int | None = None, precision: str | None = None) -> Path:
+    """Add the records of `attacks` on the chosen checkpoints of a finished run to its result files.
+
+    `label_eps`: store each suite as `eps_suite_name` (e.g. 'pgd20@4/255'), so evaluations at several radii
+    (an eps sweep) sit side by side instead of replacing each other and the run's own 'pgd20' rows. A radius
+    other than the run's own always gets such names, so rows of one suite name never mix two radii.
+    """
+    reporter = reporter or SilentReporter()
+    run = open_run(folder, checkpoints, per_class, data_dir, device, n_examples)
+    eps = run.spec.eval_eps if eps is None else eps
+    label_eps = label_eps or eps != run.spec.eval_eps
+    reporter.message(f"{run.resolved.run_id}: {', '.join(attacks)} on epochs {run.epochs}, {len(run.split)} test samples")
     t0 = time.perf_counter()
-    precision = precision or spec.attack_precision
-    samples, checks = evaluate_epochs(trainer, epochs, [a for a in attacks if a != "clean"], eps, split, folder,
-                                      reporter, precision)
+    precision = precision or run.spec.attack_precision
+    samples, checks = evaluate_epochs(run.trainer, run.epochs, [a for a in attacks if a != "clean"], eps, run.split,
+                                      run.folder, reporter, precision)
     names = None
     if label_eps:
         names = {a: eps_suite_name(a, e) for a, e in suite_eps(attacks, eps).items() if a != "clean"}
         samples["suite"] = samples["suite"].map(lambda suite: names.get(suite, suite))
-    merge_results(folder, samples, resolved, dataset.class_names, meta, attacks, eps, time.perf_counter() - t0,
-                  names, precision, checks)
-    return folder
+    merge_results(run.folder, samples, run.resolved, run.dataset.class_names, run.meta, attacks, eps,
+                  time.perf_counter() - t0, names, precision, checks)
+    return run.folder
 
 
 def merge_samples(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:

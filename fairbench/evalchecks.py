@@ -12,7 +12,6 @@ points far inside the eps-ball).
 """
 from __future__ import annotations
 
-import json
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from torch import Tensor
 from fairbench.attacks.apgd import dlr_loss
 from fairbench.attacks.pgd import input_grad
 from fairbench.attacks.training import eval_mode
+from fairbench.results import run_metadata
 
 REPEATS = 5  # forwards compared by the randomness check (the reference's value)
 LOGIT_TOLERANCE = 1e-4  # on L2-normalised logits (randomness check)
@@ -206,14 +206,9 @@ def stored_warnings(results_dir: str | Path) -> list[str]:
     """The raised checks of every run under `results_dir` (training-time evaluation and later `fairbench
     eval`s), as `run_id epoch E: warning` lines: tables are what people read, run.json is not."""
     lines = []
-    for path in sorted(Path(results_dir).rglob("run.json")):
-        try:
-            meta = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        run_id = meta.get("run_id", path.parent.name)
+    for meta in run_metadata(results_dir):
         blocks = [meta.get("checks") or {}] + [e.get("checks") or {} for e in meta.get("evaluations", [])]
         for block in blocks:
             for epoch, checks in block.items():
-                lines.extend(f"{run_id} epoch {epoch}: {w}" for w in checks.get("warnings", []))
+                lines.extend(f"{meta['run_id']} epoch {epoch}: {w}" for w in checks.get("warnings", []))
     return list(dict.fromkeys(lines))

@@ -18,7 +18,7 @@ import pandas as pd
 from fairbench.engine import Reporter, SilentReporter
 from fairbench.evalrun import PARTIAL, evaluate_epochs, open_run
 from fairbench.evaluate import class_counts, robust_flags
-from fairbench.results import write_json
+from fairbench.results import run_metadata, write_json
 
 MAX_OVERALL_POINTS = 0.3
 """Largest allowed difference of the overall robust accuracy, in points (evaluation.md 12.2)."""
@@ -99,12 +99,7 @@ def run_precision_ab(folder: Path, attack: str = "aa", checkpoint: str = "final"
 
 def unchecked_bf16(results_dir: str | Path) -> list[str]:
     """Warnings for suites searched in bf16 without a passing A/B for their dataset and architecture."""
-    runs = []
-    for path in sorted(Path(results_dir).rglob("run.json")):
-        try:
-            runs.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue
+    runs = run_metadata(results_dir)
     passed = {(_setting(m), ab["suite"]) for m in runs for ab in m.get("precision_ab", []) if ab.get("passed")}
     lines = []
     for meta in runs:
@@ -114,7 +109,7 @@ def unchecked_bf16(results_dir: str | Path) -> list[str]:
             searched.append(spec.get("attacks", []))
         for suite in dict.fromkeys(a for attacks in searched for a in attacks if a != "clean"):
             if (_setting(meta), suite) not in passed:
-                lines.append(f"{meta.get('run_id')}: {suite} was searched in bf16 without a passing A/B check "
+                lines.append(f"{meta['run_id']}: {suite} was searched in bf16 without a passing A/B check "
                              f"on {spec.get('dataset')} (evaluation.md 12.2); run `fairbench ab-check RUN_DIR "
                              f"--attack {suite}`")
     return lines

@@ -48,3 +48,15 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def read_metadata(path: Path) -> dict[str, Any]:
     meta = pq.read_schema(path).metadata or {}
     return json.loads(meta.get(b"fairbench", b"{}"))
+
+
+def run_metadata(results_dir: str | Path) -> list[dict[str, Any]]:
+    """The run.json of every run under `results_dir`, in path order; unreadable ones are skipped (a table
+    must not fail on one damaged run)."""
+    metas = []
+    for path in sorted(Path(results_dir).rglob("run.json")):
+        try:
+            metas.append({"run_id": path.parent.name, **json.loads(path.read_text())})
+        except (OSError, ValueError):
+            continue
+    return metas

@@ -269,8 +269,8 @@ def table(results_dir, fmt, last_k, worst, baseline, rho_variant, attacks, outpu
                   else partial(paper.format_paper_layout, paper.paper_layout(**opts)))
     else:
         render = partial(format_table, fairness_table(
-            load_results(results_dir, union=union), last_k=last_k, worst=worst, baseline=baseline, rho_variant=rho_variant,
-            attacks=attacks.split(",") if attacks else None))
+            load_results(results_dir, union=union), last_k=last_k, worst=worst, baseline=baseline,
+            rho_variant=rho_variant, attacks=attacks.split(",") if attacks else None))
     rendered = render(fmt)
     if output:
         text = rendered if isinstance(rendered, str) else render("md")
@@ -283,7 +283,6 @@ def table(results_dir, fmt, last_k, worst, baseline, rho_variant, attacks, outpu
             console.print(item)
     if not check_reference:
         from fairbench.evalchecks import stored_warnings
-
         from fairbench.precision_ab import unchecked_bf16
 
         raised = stored_warnings(results_dir) + unchecked_bf16(results_dir)

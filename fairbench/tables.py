@@ -67,7 +67,7 @@ def union_rows(classwise: pd.DataFrame, samples_path: Path) -> pd.DataFrame:
     out = [classwise.iloc[:0]]
     for epoch, records in pd.read_parquet(samples_path).groupby("epoch", sort=True):
         union = union_of_suites(robust_flags(records))
-        if union is None:
+        if union is None or (classwise["attack"] == union["suite"].iloc[0]).any():  # e.g. aa+a3, stored already
             continue
         name = union["suite"].iloc[0]
         like = classwise[(classwise["epoch"] == epoch) & (classwise["attack"] == name.split("+")[0])]

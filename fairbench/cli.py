@@ -242,7 +242,7 @@ def _eps_sweep(text: str, eval_eps: str | None, attacks: list[str]) -> list[floa
 @click.option("--check-reference", is_flag=True,
               help="Recompute the published rho of the TRIX and DAFA tables with both conventions; needs no results.")
 @click.option("--union", is_flag=True,
-              help="Also the suite robust under every attack suite run on a checkpoint (e.g. pgd20+aa), on the "
+              help="Also the suite robust under every attack suite run on a checkpoint (e.g. aa+pgd20), on the "
                    "samples all of them attacked.")
 def table(results_dir, fmt, last_k, worst, baseline, rho_variant, attacks, output, paper_table, compare,
           check_reference, union) -> None:

@@ -186,10 +186,11 @@ def _unions(flags: pd.DataFrame) -> list[pd.DataFrame]:
 
 
 def union_of_suites(flags: pd.DataFrame) -> pd.DataFrame | None:
-    """Robust under every attack suite run at the run's radius (evaluation.md 0.3), named like `pgd20+aa`:
-    one row per sample that all of them attacked; None with fewer than two such suites. Suites at another
-    radius (`aa@4/255`) and derived ones (`aa+a3`) do not take part."""
-    suites = [s for s in pd.unique(flags["suite"]) if s != "clean" and "@" not in s and "+" not in s]
+    """Robust under every attack suite run at the run's radius (evaluation.md 0.3), named by the suites in
+    alphabetical order (`aa+pgd20`, whatever order they were run in): one row per sample that all of them
+    attacked; None with fewer than two such suites. Suites at another radius (`aa@4/255`) and derived ones
+    (`aa+a3`) do not take part."""
+    suites = sorted(s for s in set(flags["suite"]) if s != "clean" and "@" not in s and "+" not in s)
     if len(suites) < 2:
         return None
     runs = flags[flags["suite"].isin(suites)]

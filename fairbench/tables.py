@@ -58,7 +58,7 @@ def load_results(results_dir: str | Path, union: bool = False) -> pd.DataFrame:
 
 
 def union_rows(classwise: pd.DataFrame, samples_path: Path) -> pd.DataFrame:
-    """Per-class rows of the suite robust under every attack suite run on a checkpoint (e.g. `pgd20+aa`,
+    """Per-class rows of the suite robust under every attack suite run on a checkpoint (e.g. `aa+pgd20`,
     on the samples all of them attacked), from the run's per-sample records; none without them."""
     from fairbench.evaluate import class_counts, robust_flags, union_of_suites  # torch, only when asked
 

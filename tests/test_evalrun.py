@@ -10,6 +10,7 @@ import torch
 from fairbench.data import load_dataset
 from fairbench.data.loader import DeviceSplit
 from fairbench.errors import FairbenchError
+from fairbench.evaluate import robust_flags, union_of_suites
 from fairbench.evalrun import evaluate_resumable, evaluate_run, select_epochs
 from fairbench.results import run_dir
 from fairbench.runner import run_one
@@ -49,8 +50,8 @@ def test_eval_adds_a_suite_to_a_finished_run(tmp_path):
     samples = pd.read_parquet(folder / "samples.parquet")
     assert set(samples.suite) == {"clean", "pgd20", "apgd-ce"}
     # `fairbench table --union`: robust under both suites, on the 50 samples both attacked at epoch 3
-    assert "pgd20+apgd-ce" not in set(load_results(tmp_path).attack)
-    union = load_results(tmp_path, union=True).query("attack == 'pgd20+apgd-ce'")
+    assert "apgd-ce+pgd20" not in set(load_results(tmp_path).attack)
+    union = load_results(tmp_path, union=True).query("attack == 'apgd-ce+pgd20'")
     last = samples[samples.epoch == 3]
     clean_ok = set(last[(last.suite == "clean") & ~last.success].sample_idx)
     broken = last[last.suite != "clean"].groupby(["sample_idx", "suite"]).success.any().unstack().dropna()
@@ -58,6 +59,9 @@ def test_eval_adds_a_suite_to_a_finished_run(tmp_path):
     assert 0 < union.correct.sum() < 50
     assert union.correct.sum() == sum(i in clean_ok and not row.any() for i, row in broken.iterrows())
     assert (union.set_index("class_id").correct <= new.set_index("class_id").correct).all()
+    flags = robust_flags(last)  # the name and the flags do not depend on the order the suites were run in
+    forward, backward = union_of_suites(flags), union_of_suites(flags.iloc[::-1])
+    pd.testing.assert_frame_equal(forward, backward.sort_values("sample_idx").reset_index(drop=True))
     assert not (folder / "partial_eval").exists()
     evaluate_run(folder, ["apgd-ce"], checkpoints="final", per_class=5)  # again: replaced, not duplicated
     assert len(pd.read_parquet(folder / "classwise.parquet")) == len(after)

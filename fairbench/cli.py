@@ -244,8 +244,10 @@ def _eps_sweep(text: str, eval_eps: str | None, attacks: list[str]) -> list[floa
 @click.option("--union", is_flag=True,
               help="Also the suite robust under every attack suite run on a checkpoint (e.g. aa+pgd20), on the "
                    "samples all of them attacked.")
+@click.option("--cascade", is_flag=True,
+              help="Also the robust accuracy after each prefix of a cascade: aa:apgd-ce, aa:apgd-t, aa:fab-t.")
 def table(results_dir, fmt, last_k, worst, baseline, rho_variant, attacks, output, paper_table, compare,
-          check_reference, union) -> None:
+          check_reference, union, cascade) -> None:
     """Average / worst-class accuracy and rho per method, mean ± std over seeds; or the TRIX paper's tables."""
     from functools import partial
 
@@ -263,13 +265,13 @@ def table(results_dir, fmt, last_k, worst, baseline, rho_variant, attacks, outpu
             raise FairbenchError(f"--paper {paper_table} uses the paper's worst={spec.worst}; drop --worst {worst}")
         if attacks and "," in attacks:
             raise FairbenchError("--paper shows one robust attack; give a single --attack")
-        opts = dict(results_table=load_results(results_dir, union=union), table_id=paper_table, last_k=last_k,
-                    baseline=baseline, rho_variant=rho_variant, attack=attacks)
+        opts = dict(results_table=load_results(results_dir, union=union, cascade=cascade), table_id=paper_table,
+                    last_k=last_k, baseline=baseline, rho_variant=rho_variant, attack=attacks)
         render = (partial(paper.format_comparison, paper.compare_with_paper(**opts)) if compare
                   else partial(paper.format_paper_layout, paper.paper_layout(**opts)))
     else:
         render = partial(format_table, fairness_table(
-            load_results(results_dir, union=union), last_k=last_k, worst=worst, baseline=baseline,
+            load_results(results_dir, union=union, cascade=cascade), last_k=last_k, worst=worst, baseline=baseline,
             rho_variant=rho_variant, attacks=attacks.split(",") if attacks else None))
     rendered = render(fmt)
     if output:

@@ -201,6 +201,27 @@ def union_of_suites(flags: pd.DataFrame) -> pd.DataFrame | None:
                          "correct": wide.astype(bool).all(axis=1).to_numpy()})
 
 
+def cascade_prefixes(samples: pd.DataFrame) -> pd.DataFrame | None:
+    """Robust after the first k components of each suite with several (evaluation.md 9.2: "after APGD-CE",
+    "after APGD-CE + APGD-T", ...), as suites named after their last component, `aa:apgd-t`; the whole
+    cascade is the suite itself. None where no suite has several components."""
+    clean_ok = ~samples[samples.suite == "clean"].set_index("sample_idx")["success"]
+    labels = samples[samples.suite == "clean"].set_index("sample_idx")["label"]
+    frames = []
+    for suite, records in samples[samples.suite != "clean"].groupby("suite", sort=False):
+        components = records.drop_duplicates("order").sort_values("order")["component"].tolist()
+        if len(components) < 2:
+            continue
+        broken = records.pivot_table(index="sample_idx", columns="order", values="success", aggfunc="any")
+        broken = broken.sort_index(axis=1).fillna(False).astype(bool).cummax(axis=1)  # by one of the first k
+        for k, component in enumerate(components[:-1]):
+            frames.append(pd.DataFrame({
+                "suite": f"{suite}:{component}", "sample_idx": broken.index,
+                "label": labels.loc[broken.index].to_numpy(),
+                "correct": clean_ok.loc[broken.index].to_numpy() & ~broken.iloc[:, k].to_numpy()}))
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
 def per_class_counts(samples: pd.DataFrame, num_classes: int) -> pd.DataFrame:
     """(suite, class_id, n, correct) for every class, including classes with zero correct."""
     return class_counts(robust_flags(samples), num_classes)

@@ -42,38 +42,46 @@ class ResultsWarning(UserWarning):
 
 # ----------------------------------------------------------------------------------------- loading
 
-def load_results(results_dir: str | Path, union: bool = False) -> pd.DataFrame:
+def load_results(results_dir: str | Path, union: bool = False, cascade: bool = False) -> pd.DataFrame:
     """Concatenate every `**/classwise.parquet` under `results_dir`; unreadable files are skipped.
-    `union`: add, per checkpoint, the suite robust under every attack suite run there (`union_rows`)."""
+    Derived suites from the runs' per-sample records (`derived_rows`): `union` adds, per checkpoint, the
+    suite robust under every attack suite run there (`aa+pgd20`); `cascade` the robust accuracy after each
+    prefix of a multi-component suite (`aa:apgd-ce`, `aa:apgd-t`, `aa:fab-t`)."""
     root = Path(results_dir)
     files = sorted(root.rglob("classwise.parquet")) if root.is_dir() else []
     frames = []
     for path in files:
         frame = _read_classwise(path)
         if frame is not None:
-            frames += [frame, union_rows(frame, path.parent / "samples.parquet")] if union else [frame]
+            frames.append(frame)
+            if union or cascade:
+                frames.append(derived_rows(frame, path.parent / "samples.parquet", union, cascade))
     if not frames:
         raise FairbenchError(f"no results under {root}; run `fairbench run ...` first")
     return pd.concat(frames, ignore_index=True)
 
 
-def union_rows(classwise: pd.DataFrame, samples_path: Path) -> pd.DataFrame:
-    """Per-class rows of the suite robust under every attack suite run on a checkpoint (e.g. `aa+pgd20`,
-    on the samples all of them attacked), from the run's per-sample records; none without them."""
-    from fairbench.evaluate import class_counts, robust_flags, union_of_suites  # torch, only when asked
+def derived_rows(classwise: pd.DataFrame, samples_path: Path, union: bool, cascade: bool) -> pd.DataFrame:
+    """Per-class rows of suites derived exactly from a run's per-sample records (evaluation.md 9.2), per
+    checkpoint: the union of the suites run there and the prefixes of their cascades. Each copies the run
+    metadata and eps of the suite it derives from (the first of a union); none without records, and none
+    that the run's table already holds (`aa+a3`)."""
+    from fairbench.evaluate import cascade_prefixes, class_counts, robust_flags, union_of_suites  # torch
 
-    if not samples_path.is_file():
-        return classwise.iloc[:0]
     out = [classwise.iloc[:0]]
+    if not samples_path.is_file():
+        return out[0]
     for epoch, records in pd.read_parquet(samples_path).groupby("epoch", sort=True):
-        union = union_of_suites(robust_flags(records))
-        if union is None or (classwise["attack"] == union["suite"].iloc[0]).any():  # e.g. aa+a3, stored already
-            continue
-        name = union["suite"].iloc[0]
-        like = classwise[(classwise["epoch"] == epoch) & (classwise["attack"] == name.split("+")[0])]
-        counts = class_counts(union, int(like["class_id"].max()) + 1).set_index("class_id")
-        out.append(like.assign(attack=name, n=counts.loc[like["class_id"], "n"].to_numpy(),
-                               correct=counts.loc[like["class_id"], "correct"].to_numpy()))
+        flags = [f for f in (union_of_suites(robust_flags(records)) if union else None,
+                             cascade_prefixes(records) if cascade else None) if f is not None]
+        for name, suite in pd.concat(flags).groupby("suite", sort=False) if flags else []:
+            parent = name.split(":")[0].split("+")[0]
+            like = classwise[(classwise["epoch"] == epoch) & (classwise["attack"] == parent)]
+            if (classwise["attack"] == name).any() or like.empty:
+                continue
+            counts = class_counts(suite, int(like["class_id"].max()) + 1).set_index("class_id")
+            out.append(like.assign(attack=name, n=counts.loc[like["class_id"], "n"].to_numpy(),
+                                   correct=counts.loc[like["class_id"], "correct"].to_numpy()))
     return pd.concat(out, ignore_index=True)
 
 

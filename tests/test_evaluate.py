@@ -1,14 +1,22 @@
 """Class-wise evaluation: feasibility, robust <= clean, batch-size independence, counts from records."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import torch
 
+from fairbench.attacks.apgd import APGD
+from fairbench.attacks.autoattack import AutoAttack
+from fairbench.attacks.fab import FAB
 from fairbench.attacks.pgd import PGD, project
 from fairbench.attacks.rng import per_sample_uniform
+from fairbench.data import load_dataset
 from fairbench.data.loader import DeviceSplit
-from fairbench.evaluate import evaluate_split, per_class_counts, robust_flags
+from fairbench.evaluate import cascade_prefixes, evaluate_split, per_class_counts, robust_flags
+from fairbench.tables import derived_rows
+from tests.attack_fixtures import trained_digits_model
 
 
 def _split(digits, n=120):
@@ -92,3 +100,38 @@ def test_cw20_equals_an_independent_minimal_loop(tiny_model, digits):
         grad = torch.autograd.grad(loss, x_adv)[0]
         x_adv = torch.min(torch.max(x_adv.detach() + 0.003 * grad.sign(), x - eps), x + eps).clamp(0, 1)
     assert torch.equal(out.x_adv, x_adv)
+
+
+@dataclasses.dataclass
+class WeakFirstCascade(AutoAttack):
+    """A cascade whose first component is weak (one APGD step), so later components break samples too."""
+
+    def components(self):
+        return [APGD(self.eps, "ce", steps=1, component="apgd-ce"),
+                APGD(self.eps, "dlr-targeted", steps=5, component="apgd-t"), FAB(self.eps, steps=10)]
+
+
+def test_cascade_prefixes_count_what_the_first_components_broke(tmp_path):
+    model = trained_digits_model()
+    split = DeviceSplit.from_arrays(load_dataset("digits").test, torch.device("cpu")).subset(torch.arange(80))
+    records = evaluate_split(model, split, [WeakFirstCascade(0.1)], 0.1, 80, seed=0)
+    prefixes = cascade_prefixes(records)
+    suite = records.suite[records.suite != "clean"].iloc[0]
+    assert list(pd.unique(prefixes.suite)) == [f"{suite}:apgd-ce", f"{suite}:apgd-t"]
+    clean_ok = set(records.query("suite == 'clean' and not success").sample_idx)
+    robust = [prefixes[prefixes.suite == f"{suite}:{c}"].set_index("sample_idx").correct
+              for c in ("apgd-ce", "apgd-t")]
+    for k, flags in enumerate(robust, start=1):  # an independent count: no success among orders 1..k
+        broken = set(records.query("suite == @suite and order <= @k and success").sample_idx)
+        assert {i for i, ok in flags.items() if ok} == clean_ok - broken
+    full = robust_flags(records).query("suite == @suite").set_index("sample_idx").correct
+    assert robust[0].sum() > robust[1].sum() >= full.sum()  # APGD-T broke samples APGD-CE left
+    assert cascade_prefixes(records[records.suite == "clean"]) is None
+    # `fairbench table --cascade`: per-class rows beside the suite's own, from the stored records
+    records.assign(epoch=3).to_parquet(tmp_path / "samples.parquet")
+    classwise = per_class_counts(records, 10).assign(epoch=3, run_id="r")
+    rows = derived_rows(classwise, tmp_path / "samples.parquet", union=False, cascade=True)
+    assert list(pd.unique(rows.attack)) == [f"{suite}:apgd-ce", f"{suite}:apgd-t"] and set(rows.epoch) == {3}
+    for k, attack in enumerate(pd.unique(rows.attack)):
+        assert rows[rows.attack == attack].correct.sum() == robust[k].sum()
+        assert rows[rows.attack == attack].n.tolist() == classwise[classwise.attack == suite].n.tolist()

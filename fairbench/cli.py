@@ -394,10 +394,10 @@ def download(dataset: str, data_dir: str | None) -> None:
 @cli.command()
 @click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(file_okay=False))
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Folder for the figures [RESULTS/plots].")
-@click.option("--kind", type=click.Choice(["classwise", "eps", "targeted", "similarity", "all"]), default="all",
-              show_default=True, help="classwise: accuracy per class and method (TRIX Fig. 4/5); eps: robust "
-              "accuracy against eps (Fig. 3); targeted: untargeted vs targeted success (Fig. 1a); similarity: "
-              "DAFA/TRIX class similarity and weights.")
+@click.option("--kind", type=click.Choice(["classwise", "eps", "targeted", "similarity", "confusion", "all"]),
+              default="all", show_default=True, help="classwise: accuracy per class and method (TRIX Fig. 4/5); "
+              "eps: robust accuracy against eps (Fig. 3); targeted: untargeted vs targeted success (Fig. 1a); "
+              "similarity: DAFA/TRIX class similarity and weights; confusion: where each attack sends each class.")
 @click.option("--attack", "attacks", default=None, help="Robust attack(s), comma-separated [every one evaluated].")
 @click.option("--methods", "-m", default=None, help="Comma-separated methods, in legend order [all].")
 @click.option("--last-k", type=int, default=5, show_default=True, help="Average each run over its last k checkpoints.")

@@ -29,7 +29,7 @@ from fairbench.errors import FairbenchError, UnknownNameError
 from fairbench.evalrun import split_suite_name
 from fairbench.tables import CLEAN, RUN_KEYS, load_results, run_metrics
 
-KINDS = ("classwise", "eps", "targeted", "similarity")
+KINDS = ("classwise", "eps", "targeted", "similarity", "confusion")
 SETUP_KEYS = ["dataset", "arch", "protocol"]
 BASELINE = "trades"
 UNTARGETED = ("apgd-ce", "pgd20", "pgd100", "apgd-dlr", "cw20")
@@ -129,6 +129,20 @@ def targeted_success(samples: pd.DataFrame, untargeted: str, targeted: str, num_
         raise FairbenchError(f"{untargeted} and {targeted} were not run on a common checkpoint")
     parts = [attack_success_by_class(samples, suite, num_classes, epochs) for suite in (untargeted, targeted)]
     return pd.concat(parts, ignore_index=True)
+
+
+def adversarial_confusion(samples: pd.DataFrame, suite: str, num_classes: int,
+                          epochs: Sequence[int]) -> np.ndarray:
+    """(C, C) in percent: row = true class, column = the prediction at the successful adversarial point, as a
+    share of the class's clean-correct samples the suite attacked; pooled over `epochs` (evaluation.md 9.2:
+    where the attack sends each class, DAFA's "weak classes flow into similar classes")."""
+    s = samples[(samples["suite"] == suite) & samples["epoch"].isin(list(epochs))]
+    attacked = s[s["attempted"]].drop_duplicates(["epoch", "sample_idx"])["label"].to_numpy().astype(np.int64)
+    broken = s[s["success"]]
+    counts = np.zeros((num_classes, num_classes))
+    np.add.at(counts, (broken["label"].to_numpy().astype(np.int64), broken["pred"].to_numpy().astype(np.int64)), 1)
+    per_class = np.bincount(attacked, minlength=num_classes)
+    return 100.0 * counts / np.maximum(per_class, 1)[:, None]
 
 
 # ----------------------------------------------------------------------------------------- drawing
@@ -297,20 +311,21 @@ def plot_targeted_success(summary: pd.DataFrame, class_names: Sequence[str], unt
 
 
 def plot_similarity(similarity: np.ndarray, weights: np.ndarray | None, class_names: Sequence[str],
-                    title: str = "class similarity and class weights") -> Figure:
-    """DAFA/TRIX's class similarity (rows: true class, columns: predicted class; mean predicted
-    probability) as an annotated heatmap, and the class weights derived from it below."""
+                    title: str = "class similarity and class weights",
+                    value_label: str = "mean predicted probability") -> Figure:
+    """A class x class matrix (rows: true class, columns: predicted class) as an annotated heatmap: DAFA/TRIX's
+    class similarity with the class weights derived from it below, or an adversarial confusion matrix."""
     sim = np.asarray(similarity, dtype=float)
     c = len(class_names)
     if sim.shape != (c, c):
-        raise FairbenchError(f"similarity has shape {sim.shape}, expected ({c}, {c}) for {c} classes")
+        raise FairbenchError(f"the class matrix has shape {sim.shape}, expected ({c}, {c}) for {c} classes")
     side = min(max(0.55 * c + 2.5, 6.5), 30)
     ratios = [side] if weights is None else [side, 2.4]
     fig = Figure(figsize=(side, 0.85 * side + sum(ratios[1:]) + 0.4), layout="constrained")
     grid = fig.add_gridspec(len(ratios), 1, height_ratios=ratios)
     ax = fig.add_subplot(grid[0])
     image = ax.imshow(sim, cmap="Blues", vmin=0.0, vmax=max(float(sim.max()), 1e-12))
-    fig.colorbar(image, ax=ax, shrink=0.85, label="mean predicted probability")
+    fig.colorbar(image, ax=ax, shrink=0.85, label=value_label)
     _class_ticks(ax, class_names)
     ax.set_yticks(np.arange(c), [str(n) for n in class_names])
     ax.set_xlabel("predicted class")
@@ -563,15 +578,25 @@ def _pick_pair(suites: set[str], pair: tuple[str, str] | None) -> tuple[str, str
     return (untargeted, targeted) if untargeted and targeted else None
 
 
-def render_targeted(req: PlotRequest) -> list[Path]:
-    """Figure 1a per setup, method and suite pair (mean ± std of the per-run rates over seeds)."""
+def _chosen_runs(req: PlotRequest) -> tuple[list[str], list[RunInfo]]:
+    """(the methods in legend order, the runs of those methods)."""
     runs = find_runs(req.results)
     methods = method_order([r.method for r in runs], req.methods)
+    return methods, [r for r in runs if r.method in methods]
+
+
+def _records(run: RunInfo, columns: list[str]) -> pd.DataFrame:
+    """The run's per-sample records, the `columns` of them."""
+    return pd.read_parquet(run.folder / "samples.parquet", columns=columns)
+
+
+def render_targeted(req: PlotRequest) -> list[Path]:
+    """Figure 1a per setup, method and suite pair (mean ± std of the per-run rates over seeds)."""
+    methods, runs = _chosen_runs(req)
     groups: dict[tuple, list[pd.DataFrame]] = {}
     names: dict[tuple, list[str]] = {}
-    for run in (r for r in runs if r.method in methods):
-        samples = pd.read_parquet(run.folder / "samples.parquet",
-                                  columns=["epoch", "suite", "sample_idx", "label", "attempted", "success"])
+    for run in runs:
+        samples = _records(run, ["epoch", "suite", "sample_idx", "label", "attempted", "success"])
         pair = _pick_pair(set(samples["suite"]), req.pair)
         if pair is None:
             continue
@@ -617,9 +642,40 @@ def render_similarity(req: PlotRequest) -> list[Path]:
     return paths
 
 
+def render_confusion(req: PlotRequest) -> list[Path]:
+    """Per setup, method and suite: where the attack sends each class, mean over seeds of each run's last
+    `last_k` checkpoints that the suite was run on."""
+    methods, runs = _chosen_runs(req)
+    groups: dict[tuple, list[np.ndarray]] = {}
+    names: dict[tuple, list[str]] = {}
+    for run in runs:
+        samples = _records(run, ["epoch", "suite", "sample_idx", "label", "attempted", "success", "pred"])
+        suites = [a for a in pd.unique(samples["suite"]) if a != CLEAN and split_suite_name(a)[1] is None]
+        for suite in (a for a in (req.attacks or suites) if a in suites):
+            epochs = sorted(set(samples.loc[samples["suite"] == suite, "epoch"]))[-(req.last_k or 0):]
+            key = (run.setup, run.method, suite)
+            names[key] = class_names_of(run)
+            groups.setdefault(key, []).append(adversarial_confusion(samples, suite, len(names[key]), epochs))
+    if not groups:
+        wanted = ",".join(req.attacks) if req.attacks else "pgd20"
+        raise FairbenchError("no run has per-sample records of a robust suite" + (f" named {wanted}" if req.attacks
+                                                                                 else "")
+                             + f"; run `fairbench eval RUN --attack {wanted}`")
+    _, ambiguous = _setups(pd.DataFrame([k[0] for k in groups], columns=SETUP_KEYS))
+    paths = []
+    for key in sorted(groups, key=lambda k: (k[0], methods.index(k[1]), k[2])):
+        setup, method, suite = key
+        title, parts = _setup_label(setup, ambiguous, f"{method}: where {suite} sends each class "
+                                    f"(rows: true class; mean over {len(groups[key])} run(s))")
+        fig = plot_similarity(np.mean(groups[key], axis=0), None, names[key], title,
+                              value_label="% of the class's attacked samples")
+        paths += save_figure(fig, req.out, _stem("confusion", *parts, method, suite))
+    return paths
+
+
 RENDERERS: dict[str, Callable[[PlotRequest], list[Path]]] = {
     "classwise": render_classwise, "eps": render_eps, "targeted": render_targeted,
-    "similarity": render_similarity}
+    "similarity": render_similarity, "confusion": render_confusion}
 
 
 def render_plots(req: PlotRequest, kind: str = "all") -> PlotReport:

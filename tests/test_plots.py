@@ -136,6 +136,17 @@ def test_similarity_heatmap_and_weights_come_from_run_json(grid):
     assert plots.method_state_arrays(trades) is None
 
 
+def test_adversarial_confusion_rows_are_the_class_success_rates(grid):
+    samples = pd.read_parquet(grid["trades"] / "samples.parquet")
+    matrix = plots.adversarial_confusion(samples, "apgd-ce", 10, [3])
+    success = plots.attack_success_by_class(samples, "apgd-ce", 10, [3]).set_index("class_id")
+    np.testing.assert_allclose(matrix.sum(1), success.rate.fillna(0.0))  # a row spreads the class's breaks
+    assert matrix.sum() > 0 and not np.diag(matrix).any()  # a success is always another class
+    fig = plots.plot_similarity(matrix, None, CLASSES, "apgd-ce", value_label="% of the class's attacked samples")
+    heat, colorbar = fig.axes
+    assert tick_labels(heat) == CLASSES and colorbar.get_ylabel() == "% of the class's attacked samples"
+
+
 def test_plot_command_writes_png_and_pdf_of_every_kind(grid, tmp_path, capsys):
     out = tmp_path / "figs"
     code, stdout, err = fairbench(["plot", "--results", str(grid["root"]), "--out", str(out)], capsys)
@@ -144,9 +155,11 @@ def test_plot_command_writes_png_and_pdf_of_every_kind(grid, tmp_path, capsys):
     names = {p.name for p in paths}
     assert {"classwise_digits_smallcnn_pgd20.png", "eps_digits_smallcnn_pgd20_trades.pdf",
             "eps_digits_smallcnn_pgd20_methods.png", "targeted_digits_smallcnn_trades_apgd-ce_apgd-t.png",
-            "similarity_digits_smallcnn_dafa_s1.pdf", "similarity_digits_smallcnn_trix_s1.png"} <= names
-    # classwise: pgd20, apgd-ce, apgd-t; eps: 2 methods + their comparison; targeted: trades; 2 similarities
-    assert len(paths) == 2 * (3 + 3 + 1 + 2)
+            "similarity_digits_smallcnn_dafa_s1.pdf", "similarity_digits_smallcnn_trix_s1.png",
+            "confusion_digits_smallcnn_trades_apgd-t.png", "confusion_digits_smallcnn_dafa_pgd20.pdf"} <= names
+    # classwise: pgd20, apgd-ce, apgd-t; eps: 2 methods + their comparison; targeted: trades; 2 similarities;
+    # confusion: trades' pgd20, apgd-ce, apgd-t and the others' pgd20 (never the eps-sweep suites)
+    assert len(paths) == 2 * (3 + 3 + 1 + 2 + 5)
     for p in paths:
         head = p.read_bytes()[:8]
         assert p.stat().st_size > 1000 and head.startswith(b"\x89PNG" if p.suffix == ".png" else b"%PDF")
@@ -165,7 +178,10 @@ def test_missing_data_is_a_clear_error(grid, tmp_path, capsys):
     code, _, err = fairbench(["plot", "--results", str(only_dafa), "--kind", "eps"], capsys)
     assert code == 2 and "--eps-sweep 0,2,4,8,16,32" in err
     code, stdout, err = fairbench(["plot", "--results", str(only_dafa)], capsys)  # all: draws what it can
-    assert code == 0 and "skipped" in err and "eps-sweep" in err and len(stdout.split()) == 4
+    assert code == 0 and "skipped" in err and "eps-sweep" in err and len(stdout.split()) == 6  # classwise,
+    # similarity and confusion, each as PNG and PDF
+    with pytest.raises(FairbenchError, match="robust suite named apgd-t; run `fairbench eval RUN"):
+        plots.render_plots(plots.PlotRequest(only_dafa, tmp_path / "p", attacks=("apgd-t",)), "confusion")
     code, _, err = fairbench(["plot", "--results", str(grid["root"]), "--methods", "wat"], capsys)
     assert code == 2 and "unknown method 'wat'" in err
 

@@ -21,6 +21,7 @@ from fairbench.attacks.registry import create_attack
 from fairbench.attacks.search import SearchSettings
 from fairbench.checkpoint import list_checkpoints, load_checkpoint
 from fairbench.data import load_dataset
+from fairbench.data.base import Dataset
 from fairbench.data.loader import DeviceSplit, eval_batches, stratified_subset
 from fairbench.engine import Reporter, SilentReporter, Trainer, select_device
 from fairbench.errors import FairbenchError
@@ -157,10 +158,9 @@ class OpenedRun:
     """A finished run ready to evaluate: its stored spec and metadata, model builder and test split."""
 
     folder: Path
-    spec: RunSpec
     meta: dict
     resolved: ResolvedRun
-    dataset: object
+    dataset: Dataset
     trainer: Trainer
     epochs: list[int]
     split: DeviceSplit
@@ -185,7 +185,7 @@ def open_run(folder: Path, checkpoints: str, per_class: int | None = None, data_
     if n_examples and not per_class:  # about N images: the first N/C of each class
         per_class = max(1, n_examples // dataset.num_classes)
     split = eval_split(resolved, dataset, trainer.device, per_class)
-    return OpenedRun(folder, spec, meta, resolved, dataset, trainer, epochs, split)
+    return OpenedRun(folder, meta, resolved, dataset, trainer, epochs, split)
 
 
 def evaluate_run(folder: Path, attacks: list[str], checkpoints: str = "last5", per_class: int | None = None,
@@ -200,11 +200,13 @@ def evaluate_run(folder: Path, attacks: list[str], checkpoints: str = "last5", p
     """
     reporter = reporter or SilentReporter()
     run = open_run(folder, checkpoints, per_class, data_dir, device, n_examples)
-    eps = run.spec.eval_eps if eps is None else eps
-    label_eps = label_eps or eps != run.spec.eval_eps
-    reporter.message(f"{run.resolved.run_id}: {', '.join(attacks)} on epochs {run.epochs}, {len(run.split)} test samples")
+    spec = run.resolved.spec
+    eps = spec.eval_eps if eps is None else eps
+    label_eps = label_eps or eps != spec.eval_eps
+    reporter.message(f"{run.resolved.run_id}: {', '.join(attacks)} on epochs {run.epochs}, "
+                     f"{len(run.split)} test samples")
     t0 = time.perf_counter()
-    precision = precision or run.spec.attack_precision
+    precision = precision or spec.attack_precision
     samples, checks = evaluate_epochs(run.trainer, run.epochs, [a for a in attacks if a != "clean"], eps, run.split,
                                       run.folder, reporter, precision)
     names = None

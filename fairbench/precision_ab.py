@@ -44,7 +44,9 @@ class PrecisionAB:
         return self.bf16 - self.fp32
 
     def failures(self) -> list[str]:
-        out = [f"overall {self.diff:+.2f} points (allowed {MAX_OVERALL_POINTS})"] if abs(self.diff) > MAX_OVERALL_POINTS else []
+        out = []
+        if abs(self.diff) > MAX_OVERALL_POINTS:
+            out.append(f"overall {self.diff:+.2f} points (allowed {MAX_OVERALL_POINTS})")
         out += [f"class {c['class_id']} {c['bf16'] - c['fp32']:+.2f} points (allowed {c['allowed']:.2f})"
                 for c in self.classes if abs(c["bf16"] - c["fp32"]) > c["allowed"]]
         return out
@@ -86,8 +88,9 @@ def run_precision_ab(folder: Path, attack: str = "aa", checkpoint: str = "final"
     reporter.message(f"{run.resolved.run_id}: {attack} A/B, fp32 vs bf16 search, epoch {epoch}, "
                      f"{len(run.split)} test samples")
     t0 = time.perf_counter()
-    records = {precision: evaluate_epochs(run.trainer, [epoch], [attack], run.spec.eval_eps, run.split, run.folder,
-                                          reporter, precision)[0] for precision in ("fp32", "bf16")}
+    eps = run.resolved.spec.eval_eps
+    records = {precision: evaluate_epochs(run.trainer, [epoch], [attack], eps, run.split, run.folder, reporter,
+                                          precision)[0] for precision in ("fp32", "bf16")}
     ab = compare(records["fp32"], records["bf16"], attack, run.dataset.num_classes, epoch,
                  time.perf_counter() - t0)
     meta = json.loads((run.folder / "run.json").read_text())

@@ -156,18 +156,23 @@ def robust_flags(samples: pd.DataFrame) -> pd.DataFrame:
     """One row per (suite, sample): correct = clean-correct and no component of the suite succeeded. Where
     both `aa` and the experimental `a3` ran (at the same radius label), a derived suite `aa+a3` is robust
     under both: the informative number for A3 (evaluation.md 8.1)."""
-    clean = samples[samples.suite == "clean"].set_index("sample_idx")
-    clean_ok = ~clean["success"]
-    frames = [pd.DataFrame({"suite": "clean", "sample_idx": clean.index, "label": clean["label"].values,
+    clean_ok, labels = _clean_verdicts(samples)
+    frames = [pd.DataFrame({"suite": "clean", "sample_idx": clean_ok.index, "label": labels.values,
                             "correct": clean_ok.values})]
     attacked = samples[samples.suite != "clean"]
     if len(attacked):
         broken = attacked.groupby(["suite", "sample_idx"], sort=False)["success"].any().reset_index()
-        broken["label"] = clean.loc[broken.sample_idx, "label"].values
+        broken["label"] = labels.loc[broken.sample_idx].values
         broken["correct"] = clean_ok.loc[broken.sample_idx].values & ~broken["success"].values
         frames.append(broken[["suite", "sample_idx", "label", "correct"]])
         frames.extend(_unions(broken))
     return pd.concat(frames, ignore_index=True)
+
+
+def _clean_verdicts(samples: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """(clean-correct, label), indexed by sample_idx."""
+    clean = samples[samples.suite == "clean"].set_index("sample_idx")
+    return ~clean["success"], clean["label"]
 
 
 def _unions(flags: pd.DataFrame) -> list[pd.DataFrame]:
@@ -176,13 +181,19 @@ def _unions(flags: pd.DataFrame) -> list[pd.DataFrame]:
     for a3 in sorted(s for s in suites if s.split("@")[0] == "a3"):
         label = a3.partition("@")[2]
         aa = "aa" + ("@" + label if label else "")
-        if aa not in suites:
-            continue
-        both = flags[flags.suite == aa].merge(flags[flags.suite == a3][["sample_idx", "correct"]], on="sample_idx",
-                                              suffixes=("", "_a3"))
-        out.append(both.assign(suite=f"{aa}+a3", correct=both["correct"] & both["correct_a3"])[
-            ["suite", "sample_idx", "label", "correct"]])
+        if aa in suites:
+            out.append(robust_under_all(flags, [aa, a3], f"{aa}+a3"))
     return out
+
+
+def robust_under_all(flags: pd.DataFrame, suites: list[str], name: str) -> pd.DataFrame:
+    """Robust flags of the derived suite `name`: one row per sample every one of `suites` attacked, correct
+    where it is robust under all of them (evaluation.md 9.2: unions across suites AND the robust flags)."""
+    runs = flags[flags["suite"].isin(suites)]
+    wide = runs.pivot(index="sample_idx", columns="suite", values="correct")[list(suites)].dropna()
+    labels = runs.drop_duplicates("sample_idx").set_index("sample_idx")["label"]
+    return pd.DataFrame({"suite": name, "sample_idx": wide.index, "label": labels.loc[wide.index].to_numpy(),
+                         "correct": wide.astype(bool).all(axis=1).to_numpy()})
 
 
 def union_of_suites(flags: pd.DataFrame) -> pd.DataFrame | None:
@@ -191,22 +202,14 @@ def union_of_suites(flags: pd.DataFrame) -> pd.DataFrame | None:
     attacked; None with fewer than two such suites. Suites at another radius (`aa@4/255`) and derived ones
     (`aa+a3`) do not take part."""
     suites = sorted(s for s in set(flags["suite"]) if s != "clean" and "@" not in s and "+" not in s)
-    if len(suites) < 2:
-        return None
-    runs = flags[flags["suite"].isin(suites)]
-    wide = runs.pivot(index="sample_idx", columns="suite", values="correct")[suites].dropna()
-    labels = runs.drop_duplicates("sample_idx").set_index("sample_idx")["label"]
-    return pd.DataFrame({"suite": "+".join(suites), "sample_idx": wide.index,
-                         "label": labels.loc[wide.index].to_numpy(),
-                         "correct": wide.astype(bool).all(axis=1).to_numpy()})
+    return robust_under_all(flags, suites, "+".join(suites)) if len(suites) >= 2 else None
 
 
 def cascade_prefixes(samples: pd.DataFrame) -> pd.DataFrame | None:
     """Robust after the first k components of each suite with several (evaluation.md 9.2: "after APGD-CE",
     "after APGD-CE + APGD-T", ...), as suites named after their last component, `aa:apgd-t`; the whole
     cascade is the suite itself. None where no suite has several components."""
-    clean_ok = ~samples[samples.suite == "clean"].set_index("sample_idx")["success"]
-    labels = samples[samples.suite == "clean"].set_index("sample_idx")["label"]
+    clean_ok, labels = _clean_verdicts(samples)
     frames = []
     for suite, records in samples[samples.suite != "clean"].groupby("suite", sort=False):
         components = records.drop_duplicates("order").sort_values("order")["component"].tolist()

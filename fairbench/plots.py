@@ -137,12 +137,11 @@ def adversarial_confusion(samples: pd.DataFrame, suite: str, num_classes: int,
     share of the class's clean-correct samples the suite attacked; pooled over `epochs` (evaluation.md 9.2:
     where the attack sends each class, DAFA's "weak classes flow into similar classes")."""
     s = samples[(samples["suite"] == suite) & samples["epoch"].isin(list(epochs))]
-    attacked = s[s["attempted"]].drop_duplicates(["epoch", "sample_idx"])["label"].to_numpy().astype(np.int64)
     broken = s[s["success"]]
     counts = np.zeros((num_classes, num_classes))
     np.add.at(counts, (broken["label"].to_numpy().astype(np.int64), broken["pred"].to_numpy().astype(np.int64)), 1)
-    per_class = np.bincount(attacked, minlength=num_classes)
-    return 100.0 * counts / np.maximum(per_class, 1)[:, None]
+    attacked = attack_success_by_class(s, suite, num_classes)["attempted"].to_numpy()
+    return 100.0 * counts / np.maximum(attacked, 1)[:, None]
 
 
 # ----------------------------------------------------------------------------------------- drawing
@@ -652,7 +651,8 @@ def render_confusion(req: PlotRequest) -> list[Path]:
         samples = _records(run, ["epoch", "suite", "sample_idx", "label", "attempted", "success", "pred"])
         suites = [a for a in pd.unique(samples["suite"]) if a != CLEAN and split_suite_name(a)[1] is None]
         for suite in (a for a in (req.attacks or suites) if a in suites):
-            epochs = sorted(set(samples.loc[samples["suite"] == suite, "epoch"]))[-(req.last_k or 0):]
+            epochs = sorted(set(samples.loc[samples["suite"] == suite, "epoch"]))
+            epochs = epochs[-req.last_k:] if req.last_k else epochs
             key = (run.setup, run.method, suite)
             names[key] = class_names_of(run)
             groups.setdefault(key, []).append(adversarial_confusion(samples, suite, len(names[key]), epochs))

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -32,7 +34,10 @@ def _parse_seeds(text: str) -> list[int]:
     """'5' -> seeds 1..5; '0,3,7' -> exactly those seeds."""
     try:
         if "," in text:
-            return [int(s) for s in text.split(",") if s.strip()]
+            seeds = [int(s) for s in text.split(",") if s.strip()]
+            if not seeds or min(seeds) < 0:
+                raise FairbenchError(f"--seeds: seeds are integers >= 0 (1,3,7 or one seed as 2,), got {text!r}")
+            return seeds
         count = int(text)
     except ValueError as err:
         raise FairbenchError(f"--seeds expects a count (5) or a list (1,3,7), got {text!r}") from err
@@ -54,87 +59,293 @@ def cli() -> None:
     """fairbench: train fairness-aware adversarial training methods, evaluate them class-wise, compare them."""
 
 
+def _options(*decorators):
+    """Apply click options in order: each option is declared once and shared by the commands that take it."""
+    def apply(func):
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+    return apply
+
+
+GRID_OPTIONS = _options(
+    click.option("--methods", "-m", default=None, help="Comma-separated method names (see `fairbench methods`)."),
+    click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+                 help="A grid config (benchmarks/paper/<table>.toml) instead of --methods/--dataset/--seeds/..."),
+    click.option("--scale", default=None, help="A named scale of the config, e.g. smoke (the same grid, tiny, on CPU)."),
+    click.option("--dataset", "-d", default="digits", show_default=True, help="See `fairbench datasets`."),
+    click.option("--seeds", default="1", show_default=True,
+                 help="A count (5 -> seeds 1..5) or a list (1,3,7; one chosen seed: 2,)."),
+    click.option("--arch", default=None, help="Model (see `fairbench archs`); default: the dataset's."),
+    click.option("--epochs", type=int, default=None, help="Default: the dataset's (150 for CIFAR/STL-10, 20 for digits)."),
+    click.option("--batch-size", type=int, default=None),
+    click.option("--lr", type=float, default=None, help="Default: the protocol's (0.1)."),
+    click.option("--schedule", default=None, help="bag_of_tricks (DAFA/TRIX, default), trades, madry, cosine, constant."),
+    click.option("--weight-decay", type=float, default=None, help="Default: the protocol's (5e-4)."),
+    click.option("--protocol", type=click.Choice(["common", "official"]), default="common", show_default=True,
+                 help="common: the TRADES protocol of DAFA/TRIX for every method; official: each method's own code."),
+    click.option("--init-from", default=None, help="Start from the weights of a checkpoint file or run folder."),
+    click.option("--hot-start-epochs", type=int, default=None,
+                 help="Epochs of the hot-start run a method asks for (FRL starts from TRADES)."),
+    click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                 help="Method hyperparameter, e.g. --set warmup=5, --set trix.beta=6, --set eps=8/255."),
+    click.option("--attack", default="pgd20", show_default=True, help="Comma-separated evaluation attacks."),
+    click.option("--eps", "eval_eps", default="8/255", show_default=True, help="Evaluation L-inf radius."),
+    click.option("--eval-last", type=int, default=5, show_default=True, help="Evaluate the last k checkpoints."),
+    click.option("--attack-precision", type=click.Choice(ATTACK_PRECISIONS), default="auto", show_default=True,
+                 help=ATTACK_PRECISION_HELP),
+    click.option("--train-per-class", type=int, default=None, help="Train on the first N images of each class."),
+    click.option("--eval-per-class", type=int, default=None, help="Evaluate on the first N test images of each class."),
+    click.option("--data-dir", default=None, help="Dataset root (default $FAIRBENCH_DATA or ./data)."),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N."),
+    click.option("--amp/--no-amp", default=None, help="bf16 autocast for training (default: on with CUDA)."),
+    click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False)),
+    click.option("--plugins", multiple=True, help="Import these modules first (unpackaged local methods)."),
+)
+"""Which runs a grid holds (shared by `run` and `plan`)."""
+
+SLURM_OPTIONS = _options(
+    click.option("--partition", default=None, help="Slurm: the partition to submit to."),
+    click.option("--time", "time_limit", default=None, metavar="MINUTES|HH:MM:SS",
+                 help="Slurm: time limit per job; a job that reaches it is requeued and resumes exactly."),
+    click.option("--gpus-per-run", type=int, default=None, help="Slurm/Ray: GPUs per run (default: 0)."),
+    click.option("--cpus-per-run", type=int, default=None, help="Slurm/Ray: CPU cores per run (default: 1)."),
+    click.option("--mem", default=None, metavar="SIZE", help="Slurm: memory per run, e.g. 32G."),
+    click.option("--slurm-arg", "slurm_args", multiple=True, metavar="KEY=VALUE",
+                 help="Slurm: any other sbatch option, e.g. --slurm-arg account=lab --slurm-arg qos=high."),
+)
+"""Resources of one run on a cluster (shared by `run`, `eval` and `plan --format sbatch`)."""
+
+LAUNCH_OPTIONS = _options(
+    click.option("--launcher", type=click.Choice(["inline", "local", "slurm", "ray"]), default=None,
+                 help="Where runs execute: inline (this process, one at a time; the default), local (a pool of "
+                      "worker processes; the default with --workers or --gpus), slurm (submitit), ray."),
+    click.option("--workers", type=int, default=None,
+                 help="Local pool: N CPU worker processes, each with its share of the cores as threads."),
+    click.option("--gpus", default=None, metavar="0,1,2,3", help="Local pool: one run per GPU (CUDA_VISIBLE_DEVICES)."),
+    click.option("--runs-per-gpu", type=int, default=1, show_default=True, help="Local pool: runs sharing one GPU."),
+    click.option("--max-retries", type=int, default=1, show_default=True,
+                 help="Retry a crashed run this many times from its last checkpoint."),
+    SLURM_OPTIONS,
+    click.option("--wait/--no-wait", "wait_jobs", default=False,
+                 help="Slurm/Ray: block until every run ended, showing progress (Slurm default: submit and return)."),
+    click.option("--address", default=None, help="Ray: the address of a running cluster (default: start a local one)."),
+)
+"""How runs are spread over processes, GPUs and clusters (shared by `run` and `eval`)."""
+
+
 @cli.command()
-@click.option("--methods", "-m", default=None, help="Comma-separated method names (see `fairbench methods`).")
-@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
-              help="A grid config (benchmarks/paper/<table>.toml) instead of --methods/--dataset/--seeds/...")
-@click.option("--scale", default=None, help="A named scale of the config, e.g. smoke (the same grid, tiny, on CPU).")
-@click.option("--dataset", "-d", default="digits", show_default=True, help="See `fairbench datasets`.")
-@click.option("--seeds", default="1", show_default=True, help="A count (5 -> seeds 1..5) or a list (1,3,7).")
-@click.option("--arch", default=None, help="Model (see `fairbench archs`); default: the dataset's.")
-@click.option("--epochs", type=int, default=None, help="Default: the dataset's (150 for CIFAR/STL-10, 20 for digits).")
-@click.option("--batch-size", type=int, default=None)
-@click.option("--lr", type=float, default=None, help="Default: the protocol's (0.1).")
-@click.option("--schedule", default=None,
-              help="bag_of_tricks (DAFA/TRIX, default), trades, madry, cosine, constant.")
-@click.option("--weight-decay", type=float, default=None, help="Default: the protocol's (5e-4).")
-@click.option("--protocol", type=click.Choice(["common", "official"]), default="common", show_default=True,
-              help="common: the TRADES protocol of DAFA/TRIX for every method; official: each method's own code.")
-@click.option("--init-from", default=None, help="Start from the weights of a checkpoint file or run folder.")
-@click.option("--hot-start-epochs", type=int, default=None,
-              help="Epochs of the hot-start run a method asks for (FRL starts from TRADES).")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Method hyperparameter, e.g. --set warmup=5, --set trix.beta=6, --set eps=8/255.")
-@click.option("--attack", default="pgd20", show_default=True, help="Comma-separated evaluation attacks.")
-@click.option("--eps", "eval_eps", default="8/255", show_default=True, help="Evaluation L-inf radius.")
-@click.option("--eval-last", type=int, default=5, show_default=True, help="Evaluate the last k checkpoints.")
-@click.option("--attack-precision", type=click.Choice(ATTACK_PRECISIONS), default="auto", show_default=True,
-              help=ATTACK_PRECISION_HELP)
-@click.option("--train-per-class", type=int, default=None, help="Train on the first N images of each class.")
-@click.option("--eval-per-class", type=int, default=None, help="Evaluate on the first N test images of each class.")
-@click.option("--data-dir", default=None, help="Dataset root (default $FAIRBENCH_DATA or ./data).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option("--amp/--no-amp", default=None, help="bf16 autocast for training (default: on with CUDA).")
-@click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False))
-@click.option("--resume", is_flag=True, help="Continue runs from their last checkpoint.")
-@click.option("--plugins", multiple=True, help="Import these modules first (unpackaged local methods).")
+@GRID_OPTIONS
+@LAUNCH_OPTIONS
+@click.option("--index", type=int, default=None, metavar="K",
+              help="Run only entry K of the plan (`fairbench plan` lists them), e.g. $SLURM_ARRAY_TASK_ID; a partial "
+                   "run resumes, a finished one is skipped.")
+@click.option("--resume", is_flag=True, help="Continue runs from their last checkpoint (launchers always do).")
 @click.option("--quiet", "-q", is_flag=True)
-def run(methods, config_path, scale, dataset, seeds, arch, epochs, batch_size, lr, schedule, weight_decay, protocol, init_from,
-        hot_start_epochs, sets, attack, eval_eps, eval_last, attack_precision,
-        train_per_class, eval_per_class, data_dir, device, amp, out, resume, plugins, quiet) -> None:
+def run(index, resume, quiet, **opts) -> None:
     """Train every (method, seed) on DATASET, evaluate the last checkpoints, write per-class parquet."""
-    from fairbench.progress import RichReporter
-    from fairbench.runner import run_one
-    from fairbench.spec import resolve
+    plan = _grid_plan(opts)
+    if index is not None:
+        _run_index(plan, index, quiet)
+        return
+    _launch(plan, opts, quiet, resume)
 
-    _load_plugins(plugins)
-    if config_path:
-        from fairbench.grid import grid_specs, load_config
 
-        specs = grid_specs(load_config(config_path), scale, data_dir=data_dir, device=device, amp=amp)
-    elif not methods:
+@cli.command(name="plan")
+@GRID_OPTIONS
+@SLURM_OPTIONS
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "commands", "sbatch"]), default="table",
+              show_default=True, help="table: runs with id, dependencies and status; json: the same for scripts; "
+                                      "commands: one `fairbench run ... --index K` line per run (GNU parallel); "
+                                      "sbatch: a Slurm array script running the same lines.")
+def plan_cmd(fmt, **opts) -> None:
+    """The unique runs of a grid (hot-start bases included) with run id, dependencies and status."""
+    from fairbench.plan import run_state
+
+    plan = _grid_plan(opts)
+    out = Path(opts["out"])
+    states = [run_state(out, t.run_id, t.epochs) for t in plan.tasks]
+    if fmt == "json":
+        click.echo(json.dumps([{**t.to_dict(), "status": s.to_dict()} for t, s in zip(plan.tasks, states)], indent=1))
+    elif fmt in ("commands", "sbatch"):
+        from fairbench.slurm import sbatch_script
+
+        base = _replay(click.get_current_context(), exclude=("partition", "time_limit", "gpus_per_run",
+                                                              "cpus_per_run", "mem", "slurm_args"))
+        if fmt == "commands":
+            for task in plan.tasks:
+                click.echo(f"{base} --index {task.index}")
+        else:
+            click.echo(sbatch_script(plan, f"{base} --index $SLURM_ARRAY_TASK_ID", _slurm_resources(opts)))
+    else:
+        console.print(_plan_table(plan, states))
+
+
+@cli.command()
+@click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["rich", "json"]), default="rich", show_default=True)
+@click.option("--log-lines", type=int, default=5, show_default=True, help="Last lines of each failed run's log.")
+def status(results_dir, fmt, log_lines) -> None:
+    """Each run under a results folder: done, partial (epoch k of E), running (host:pid, heartbeat age),
+    failed (with its log's last lines) or pending (planned by a launcher, not started)."""
+    from fairbench.plan import failure_log, run_states
+    from fairbench.progress import format_duration
+
+    out = Path(results_dir)
+    states = run_states(out)
+    if fmt == "json":
+        click.echo(json.dumps([{**s.to_dict(), "log_tail": failure_log(out, s.run_id) if s.state == "failed" else []}
+                               for s in states], indent=1))
+        return
+    if not states:
+        raise FairbenchError(f"no runs under {out} (neither run folders nor saved plans); start one with `fairbench run`")
+    t = Table(title=f"fairbench status: {out}", title_justify="left")
+    for col in ("run id", "state", "epoch", "img/s", "ETA", "detail"):
+        t.add_column(col, overflow="fold")
+    colours = {"done": "green", "running": "cyan", "failed": "red", "partial": "yellow", "pending": "dim"}
+    for s in states:
+        detail = s.detail
+        if s.state == "failed":
+            detail = "\n".join([detail, *failure_log(out, s.run_id)[-log_lines:]]) if log_lines else detail
+        t.add_row(s.run_id, f"[{colours[s.state]}]{s.state}[/]", f"{s.epoch}/{s.epochs}" if s.epochs else "",
+                  f"{s.images_per_s:,.0f}" if s.images_per_s else "", format_duration(s.eta_s), escape(detail))
+    console.print(t)
+    counts = {k: sum(s.state == k for s in states) for k in colours}
+    console.print(", ".join(f"{v} {k}" for k, v in counts.items() if v), highlight=False)
+
+
+def _grid_plan(opts: dict):
+    """The plan of the runs the grid options name; every name and option checked before anything runs."""
+    from fairbench.plan import train_plan
+
+    _load_plugins(opts["plugins"])
+    if opts["config_path"]:
+        from fairbench.grid import grid_name, grid_specs, load_config
+
+        config = load_config(opts["config_path"])
+        specs = grid_specs(config, opts["scale"], data_dir=opts["data_dir"], device=opts["device"], amp=opts["amp"])
+        name = grid_name(config, opts["scale"])
+    elif not opts["methods"]:
         raise FairbenchError("name the methods (--methods trades,dafa,trix) or a grid (--config benchmarks/paper/table1.toml)")
     else:
-        if scale:
+        if opts["scale"]:
             raise FairbenchError("--scale needs --config")
-        specs = _cli_specs(methods, dataset, seeds, arch, epochs, batch_size, lr, schedule, weight_decay, protocol,
-                           init_from, hot_start_epochs, sets, attack, eval_eps, eval_last, train_per_class,
-                           eval_per_class, data_dir, device, amp, attack_precision)
-    for spec in specs:
-        resolve(spec)  # every name and option checked before anything trains
+        specs, name = _cli_specs(opts), "grid"
+    if not specs:
+        raise FairbenchError("the grid holds no runs (check its methods, datasets and seeds)")
+    return train_plan(specs, Path(opts["out"]), _plugin_names(opts["plugins"]), name)
+
+
+def _plugin_names(plugins: tuple[str, ...]) -> tuple[str, ...]:
+    env = [m for m in os.environ.get("FAIRBENCH_PLUGINS", "").split(",") if m.strip()]
+    return tuple([*env, *[m.strip() for p in plugins for m in p.split(",") if m.strip()]])
+
+
+def _run_index(plan, index: int, quiet: bool) -> None:
+    """`--index K`: entry K of the plan in this process (waits for a run another process holds)."""
+    from fairbench.progress import RichReporter
+    from fairbench.worker import execute, set_threads
+
+    task = plan.task(index)
+    set_threads()
     with RichReporter(err_console, quiet=quiet) as reporter:
-        for i, spec in enumerate(specs, 1):
-            reporter.message(f"[{i}/{len(specs)}] {spec.method} on {spec.dataset}, seed {spec.seed}")
-            run_one(spec, Path(out), resume=resume, reporter=reporter)
+        reporter.message(f"[{index}/{len(plan.tasks) - 1}] {task.label}: {task.run_id}")
+        status = execute(task, plan.out, reporter, wait=True)
     if not quiet:
-        err_console.print(f"done: {len(specs)} run(s) in {out}/runs; `fairbench table --results {out}` compares them")
+        err_console.print(f"{task.run_id}: {status}")
 
 
-def _cli_specs(methods, dataset, seeds, arch, epochs, batch_size, lr, schedule, weight_decay, protocol, init_from,
-               hot_start_epochs, sets, attack, eval_eps, eval_last, train_per_class, eval_per_class, data_dir,
-               device, amp, attack_precision="auto") -> list:
+def _launch(plan, opts: dict, quiet: bool, resume: bool = True) -> None:
+    """Run a plan with the launcher the options choose; exit status 1 when any run failed."""
+    from fairbench.launch import LocalPool, parse_gpus, run_inline
+    from fairbench.progress import RichReporter
+
+    launcher = opts["launcher"] or ("local" if opts["workers"] or opts["gpus"] else "inline")
+    if opts["workers"] is not None and opts["workers"] < 1:
+        raise FairbenchError(f"--workers must be at least 1, got {opts['workers']}")
+    if launcher == "inline":
+        with RichReporter(err_console, quiet=quiet) as reporter:
+            summary = run_inline(plan, reporter, err_console, resume)
+    elif launcher == "local":
+        summary = LocalPool(plan, plan.save(), workers=opts["workers"], gpus=parse_gpus(opts["gpus"]),
+                            runs_per_gpu=opts["runs_per_gpu"], max_retries=opts["max_retries"],
+                            console=err_console).run()
+    elif launcher == "slurm":
+        from fairbench.slurm import submit_slurm
+
+        summary = submit_slurm(plan, plan.save(), _slurm_resources(opts), opts["wait_jobs"], opts["max_retries"],
+                               err_console)
+    else:
+        from fairbench.rayrun import run_ray
+
+        summary = run_ray(plan, plan.save(), opts["address"], opts["gpus_per_run"] or 0, opts["cpus_per_run"] or 1,
+                          opts["max_retries"], err_console)
+    if not quiet or summary.failed:
+        summary.report(err_console, plan.out)
+    if summary.exit_code:
+        sys.exit(summary.exit_code)
+
+
+def _slurm_resources(opts: dict):
+    from fairbench.slurm import SlurmResources
+
+    return SlurmResources.from_options(opts["partition"], opts["time_limit"], opts["gpus_per_run"],
+                                       opts["cpus_per_run"], opts["mem"], opts["slurm_args"])
+
+
+def _replay(ctx: click.Context, exclude: tuple[str, ...] = ()) -> str:
+    """`fairbench run` with the grid options given on this command line (for --format commands|sbatch)."""
+    words = ["fairbench", "run"]
+    for param in ctx.command.params:
+        name = param.name
+        if name in exclude or name not in GRID_PARAMS:
+            continue
+        if ctx.get_parameter_source(name) != click.core.ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[name]
+        flag = param.opts[-1] if param.opts[-1].startswith("--") else param.opts[0]
+        if isinstance(param, click.Option) and param.is_flag and param.secondary_opts:
+            words.append(flag if value else param.secondary_opts[0])
+        elif isinstance(value, tuple):
+            words.extend(w for v in value for w in (flag, v))
+        else:
+            words.extend((flag, str(value)))
+    return shlex.join(words)
+
+
+GRID_PARAMS = ("methods", "config_path", "scale", "dataset", "seeds", "arch", "epochs", "batch_size", "lr", "schedule",
+               "weight_decay", "protocol", "init_from", "hot_start_epochs", "sets", "attack", "eval_eps", "eval_last",
+               "attack_precision", "train_per_class", "eval_per_class", "data_dir", "device", "amp", "out", "plugins")
+
+
+def _plan_table(plan, states) -> Table:
+    t = Table(title=f"plan {plan.name}: {len(plan.tasks)} run(s) under {plan.out}", title_justify="left")
+    for col in ("#", "run", "run id", "needs", "epochs", "status"):
+        t.add_column(col, overflow="fold")
+    for task, s in zip(plan.tasks, states):
+        needs = ", ".join(f"#{_index_of(plan, n)}" for n in task.needs)
+        progress = f" ({s.epoch}/{s.epochs})" if s.state in ("partial", "running", "failed") else ""
+        t.add_row(str(task.index), task.label, task.run_id, needs, str(task.epochs), s.state + progress)
+    return t
+
+
+def _index_of(plan, run_id: str) -> int:
+    return next(t.index for t in plan.tasks if t.run_id == run_id)
+
+
+def _cli_specs(opts: dict) -> list:
     from fairbench.spec import RunSpec, check_overrides
 
-    names = [m.strip() for m in methods.split(",") if m.strip()]
-    overrides = _parse_sets(sets)
+    names = [m.strip() for m in opts["methods"].split(",") if m.strip()]
+    overrides = _parse_sets(opts["sets"])
     check_overrides(overrides, names)
-    return [RunSpec(method=m, dataset=dataset, seed=s, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
-                     schedule=schedule, weight_decay=weight_decay, protocol=protocol, init_from=init_from,
-                     hot_start_epochs=hot_start_epochs, overrides=overrides, train_per_class=train_per_class,
-                     eval_per_class=eval_per_class, attacks=tuple(a.strip() for a in attack.split(",") if a.strip()),
-                     eval_eps=parse_number(eval_eps), eval_last=eval_last, data_dir=data_dir, device=device, amp=amp,
-                     attack_precision=attack_precision)
-             for m in names for s in _parse_seeds(seeds)]
+    attacks = tuple(a.strip() for a in opts["attack"].split(",") if a.strip())
+    keys = ("arch", "epochs", "batch_size", "lr", "schedule", "weight_decay", "protocol", "init_from",
+            "hot_start_epochs", "train_per_class", "eval_per_class", "eval_last", "data_dir", "device", "amp",
+            "attack_precision")
+    return [RunSpec(method=m, dataset=opts["dataset"], seed=s, overrides=overrides, attacks=attacks,
+                    eval_eps=parse_number(opts["eval_eps"]), **{k: opts[k] for k in keys})
+            for m in names for s in _parse_seeds(opts["seeds"])]
 
 
 @cli.command(name="eval")
@@ -150,15 +361,16 @@ def _cli_specs(methods, dataset, seeds, arch, epochs, batch_size, lr, schedule, 
 @click.option("--attack-precision", type=click.Choice(ATTACK_PRECISIONS), default=None, help=ATTACK_PRECISION_HELP + " Default: the run's.")
 @click.option("--data-dir", default=None)
 @click.option("--device", default="auto", show_default=True)
+@LAUNCH_OPTIONS
 @click.option("--quiet", "-q", is_flag=True)
 def eval_cmd(targets, attack, checkpoints, n_examples, eval_eps, eps_sweep, attack_precision, data_dir, device,
-             quiet) -> None:
+             quiet, **launch) -> None:
     """Evaluate finished runs (RUN_DIR, a checkpoint file, or a results folder) and add the rows to their results.
 
-    A killed evaluation resumes where it stopped when started again.
+    A killed evaluation resumes where it stopped when started again. Many runs are a grid of evaluations:
+    --workers/--gpus/--launcher spread them like `fairbench run` does.
     """
-    from fairbench.evalrun import evaluate_run
-    from fairbench.progress import RichReporter
+    from fairbench.plan import eval_plan
 
     source = click.get_current_context().get_parameter_source("attack")
     if eps_sweep and source == click.core.ParameterSource.DEFAULT:
@@ -175,13 +387,11 @@ def eval_cmd(targets, attack, checkpoints, n_examples, eval_eps, eps_sweep, atta
     for target in map(Path, targets):
         runs = sorted(p.parent for p in target.glob("runs/*/run.json")) or sorted(p.parent for p in target.glob("*/run.json"))
         folders.extend(runs or [target])
-    with RichReporter(err_console, quiet=quiet) as reporter:
-        for folder in folders:
-            for eps in radii:
-                evaluate_run(folder, attacks, checkpoints, None, eps, data_dir, device, reporter,
-                             label_eps=bool(eps_sweep), n_examples=n_examples, precision=attack_precision)
-    if not quiet:
-        err_console.print(f"done: {len(folders)} run(s); `fairbench table` shows the new columns")
+    first = folders[0].parent.parent if folders[0].suffix == ".pt" else folders[0]
+    out = first.parent.parent if first.parent.name == "runs" else first.parent
+    options = {"attacks": attacks, "checkpoints": checkpoints, "data_dir": data_dir, "device": device,
+               "label_eps": bool(eps_sweep), "n_examples": n_examples, "precision": attack_precision, "radii": radii}
+    _launch(eval_plan(folders, options, out), launch, quiet)
 
 
 @cli.command(name="ab-check")

@@ -26,6 +26,7 @@ from fairbench.data.loader import DeviceSplit, eval_batches, stratified_subset
 from fairbench.engine import Reporter, SilentReporter, Trainer, select_device
 from fairbench.errors import FairbenchError
 from fairbench.evalchecks import epoch_checks, model_flags
+from fairbench.lock import RunLock
 from fairbench.evaluate import canonical_order, evaluate_split, per_class_counts
 from fairbench.results import CLASSWISE_COLUMNS, write_json, write_parquet
 from fairbench.spec import ResolvedRun, RunSpec, provenance, resolve
@@ -148,9 +149,7 @@ def load_run_spec(folder: Path) -> tuple[RunSpec, dict]:
     meta = json.loads(path.read_text())
     if "spec" not in meta:
         raise FairbenchError(f"{path} has no run spec (written by an older fairbench); re-run the training")
-    spec = dict(meta["spec"])
-    spec["attacks"] = tuple(spec["attacks"])
-    return RunSpec(**spec), meta
+    return RunSpec.from_dict(meta["spec"]), meta
 
 
 @dataclasses.dataclass
@@ -191,14 +190,26 @@ def open_run(folder: Path, checkpoints: str, per_class: int | None = None, data_
 def evaluate_run(folder: Path, attacks: list[str], checkpoints: str = "last5", per_class: int | None = None,
                  eps: float | None = None, data_dir: str | None = None, device: str = "auto",
                  reporter: Reporter | None = None, label_eps: bool = False,
-                 n_examples: int | None = None, precision: str | None = None) -> Path:
-    """Add the records of `attacks` on the chosen checkpoints of a finished run to its result files.
+                 n_examples: int | None = None, precision: str | None = None, wait: bool = True) -> Path:
+    """Add the records of `attacks` on the chosen checkpoints of a finished run to its result files, under
+    the run's lock (a second evaluation of the same run waits, or with `wait` off raises `RunLockedError`):
+    its files are read after the lock is taken, so concurrent evaluations never lose each other's rows.
 
     `label_eps`: store each suite as `eps_suite_name` (e.g. 'pgd20@4/255'), so evaluations at several radii
     (an eps sweep) sit side by side instead of replacing each other and the run's own 'pgd20' rows. A radius
     other than the run's own always gets such names, so rows of one suite name never mix two radii.
     """
     reporter = reporter or SilentReporter()
+    folder = Path(folder)
+    run_folder = folder.parent.parent if folder.suffix == ".pt" else folder
+    with RunLock(run_folder, "evaluation", say=reporter.message).hold(wait):
+        return _evaluate_locked(folder, attacks, checkpoints, per_class, eps, data_dir, device, reporter,
+                                label_eps, n_examples, precision)
+
+
+def _evaluate_locked(folder: Path, attacks: list[str], checkpoints: str, per_class: int | None, eps: float | None,
+                     data_dir: str | None, device: str, reporter: Reporter, label_eps: bool,
+                     n_examples: int | None, precision: str | None) -> Path:
     run = open_run(folder, checkpoints, per_class, data_dir, device, n_examples)
     spec = run.resolved.spec
     eps = spec.eval_eps if eps is None else eps

@@ -60,6 +60,12 @@ def grid_settings(config: dict[str, Any], scale: str | None) -> dict[str, Any]:
     return settings
 
 
+def grid_name(config: dict[str, Any], scale: str | None) -> str:
+    """The grid's name for plan files and job names: [grid] name, with the scale appended."""
+    name = str(config.get("grid", {}).get("name", "grid"))
+    return f"{name}-{scale}" if scale else name
+
+
 def grid_specs(config: dict[str, Any], scale: str | None = None, **common: Any) -> list[RunSpec]:
     """One RunSpec per (dataset, arch, method, seed); `common` adds run options (data_dir, device...)."""
     s = grid_settings(config, scale)

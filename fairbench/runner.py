@@ -14,10 +14,11 @@ import torch
 
 from fairbench import __version__
 from fairbench.attacks.registry import create_attack
-from fairbench.checkpoint import list_checkpoints
+from fairbench.checkpoint import checkpoint_path, list_checkpoints
 from fairbench.data import load_dataset
 from fairbench.engine import Reporter, SilentReporter, Trainer, select_device
 from fairbench.errors import FairbenchError
+from fairbench.lock import RunLock
 from fairbench.evalrun import PARTIAL, classwise_table, eval_split, evaluate_epochs, suite_eps
 from fairbench.registry import get_method_class
 from fairbench.results import is_finished, run_dir, write_json, write_parquet
@@ -33,14 +34,26 @@ class RunOutcome:
 
 
 def run_one(spec: RunSpec, out: Path, resume: bool = False, reporter: Reporter | None = None,
-            keep_last: int = 5, after_batch=None) -> RunOutcome:
+            keep_last: int = 5, after_batch=None, wait: bool = True) -> RunOutcome:
+    """Train and evaluate one run under its run lock. A run held by another live process is waited for
+    (`wait`) or refused with `RunLockedError`; a finished run is skipped, also when another process
+    finished it while this one waited."""
     reporter = reporter or SilentReporter()
-    spec = with_hot_start(spec, out, resume, reporter, keep_last)
+    spec = with_hot_start(spec, out, resume, reporter, keep_last, wait)
     resolved = resolve(spec)
     folder = run_dir(out, resolved.run_id)
     if is_finished(folder):
         reporter.message(f"{resolved.run_id}: finished earlier, skipped")
         return RunOutcome(resolved.run_id, folder, "skipped")
+    with RunLock(folder, "training", say=reporter.message).hold(wait) as lock:
+        if is_finished(folder):
+            reporter.message(f"{resolved.run_id}: finished by another process, skipped")
+            return RunOutcome(resolved.run_id, folder, "skipped")
+        return _train_and_evaluate(spec, resolved, folder, resume, reporter, keep_last, after_batch, lock)
+
+
+def _train_and_evaluate(spec: RunSpec, resolved: ResolvedRun, folder: Path, resume: bool, reporter: Reporter,
+                        keep_last: int, after_batch, lock: RunLock) -> RunOutcome:
     dataset = load_dataset(spec.dataset, spec.data_dir)
     device = select_device(spec.device)
     trainer = Trainer.build(resolved, dataset, device)
@@ -55,17 +68,25 @@ def run_one(spec: RunSpec, out: Path, resume: bool = False, reporter: Reporter |
         load_start_weights(trainer, Path(spec.init_from))
     if start_epoch:
         reporter.message(f"{resolved.run_id}: resuming after epoch {start_epoch}")
+
+    def guarded(epoch: int, batch: int) -> None:
+        if lock.lost:
+            lock.check()  # another process took the run over: stop before the next checkpoint
+        if after_batch is not None:
+            after_batch(epoch, batch)
+
     t0 = time.perf_counter()
     stats = {}
     if start_epoch < resolved.epochs:
         stats = trainer.fit(ckpt_dir, start_epoch, reporter, keep_last=max(keep_last, spec.eval_last),
-                            after_batch=after_batch)
+                            after_batch=guarded)
     train_wall = time.perf_counter() - t0
     t1 = time.perf_counter()
     classwise, samples, evaluated, checks = evaluate_checkpoints(trainer, resolved, dataset, folder, reporter)
     eval_wall = time.perf_counter() - t1
     metadata = run_metadata(resolved, trainer, device, stats, train_wall, eval_wall, evaluated)
     metadata["checks"] = checks
+    lock.check()
     write_parquet(folder / "samples.parquet", samples)
     write_json(folder / "run.json", metadata)
     write_parquet(folder / "classwise.parquet", classwise, metadata)
@@ -74,16 +95,24 @@ def run_one(spec: RunSpec, out: Path, resume: bool = False, reporter: Reporter |
     return RunOutcome(resolved.run_id, folder, "done")
 
 
-def with_hot_start(spec: RunSpec, out: Path, resume: bool, reporter: Reporter, keep_last: int) -> RunSpec:
-    """For a method with `hot_start`, train (or find) that method's run on the same data, arch and seed under
-    the common protocol, and start from its final checkpoint."""
+def with_hot_start(spec: RunSpec, out: Path, resume: bool, reporter: Reporter, keep_last: int,
+                   wait: bool = True) -> RunSpec:
+    """For a method with `hot_start`, train (or find, or wait for) that method's run on the same data, arch
+    and seed under the common protocol, and start from its final checkpoint."""
     cls = get_method_class(spec.method)
     if not cls.hot_start or spec.init_from:
         return spec
     base = hot_start_base(spec)
     reporter.message(f"{spec.method} starts from a {cls.hot_start} run (hot start)")
-    outcome = run_one(base, out, resume=resume, reporter=reporter, keep_last=keep_last)
-    final = max(list_checkpoints(outcome.folder / "checkpoints").items())[1]
+    run_one(base, out, resume=resume, reporter=reporter, keep_last=keep_last, wait=wait)
+    return hot_started(spec, out)
+
+
+def hot_started(spec: RunSpec, out: Path) -> RunSpec:
+    """`spec` starting from the final checkpoint of its hot-start base run under `out` (the path is known
+    before the base is trained, so a plan knows the run id in advance)."""
+    base = resolve(hot_start_base(spec))
+    final = checkpoint_path(run_dir(out, base.run_id) / "checkpoints", base.epochs)
     return dataclasses.replace(spec, init_from=str(final))
 
 

@@ -63,6 +63,16 @@ class RunSpec:
     channels_last: bool | None = None
     """None = on for CUDA."""
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (plan files, run.json); `from_dict` reads it back."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunSpec":
+        data = dict(data)
+        data["attacks"] = tuple(data.get("attacks", ("pgd20",)))
+        return cls(**data)
+
 
 COMMON_PROTOCOL: dict[str, Any] = {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
                                    "schedule": "bag_of_tricks"}

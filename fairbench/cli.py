@@ -124,6 +124,9 @@ LAUNCH_OPTIONS = _options(
                  help="Local pool: N CPU worker processes, each with its share of the cores as threads."),
     click.option("--gpus", default=None, metavar="0,1,2,3", help="Local pool: one run per GPU (CUDA_VISIBLE_DEVICES)."),
     click.option("--runs-per-gpu", type=int, default=1, show_default=True, help="Local pool: runs sharing one GPU."),
+    click.option("--threads", type=int, default=None,
+                 help="Intra-op threads per run (default: every core inline, cores/workers in the local pool). On "
+                      "CPU, results are bit-identical between runs with the same thread count."),
     click.option("--max-retries", type=int, default=1, show_default=True,
                  help="Retry a crashed run this many times from its last checkpoint."),
     SLURM_OPTIONS,
@@ -146,7 +149,7 @@ def run(index, resume, quiet, **opts) -> None:
     """Train every (method, seed) on DATASET, evaluate the last checkpoints, write per-class parquet."""
     plan = _grid_plan(opts)
     if index is not None:
-        _run_index(plan, index, quiet)
+        _run_index(plan, index, quiet, opts["threads"])
         return
     _launch(plan, opts, quiet, resume)
 
@@ -241,14 +244,13 @@ def _plugin_names(plugins: tuple[str, ...]) -> tuple[str, ...]:
     return tuple([*env, *[m.strip() for p in plugins for m in p.split(",") if m.strip()]])
 
 
-def _run_index(plan, index: int, quiet: bool) -> None:
+def _run_index(plan, index: int, quiet: bool, threads: int | None) -> None:
     """`--index K`: entry K of the plan in this process (waits for a run another process holds)."""
     from fairbench.progress import RichReporter
-    from fairbench.worker import execute, set_threads
+    from fairbench.worker import execute, intra_op_threads
 
     task = plan.task(index)
-    set_threads()
-    with RichReporter(err_console, quiet=quiet) as reporter:
+    with RichReporter(err_console, quiet=quiet) as reporter, intra_op_threads(threads):
         reporter.message(f"[{index}/{len(plan.tasks) - 1}] {task.label}: {task.run_id}")
         status = execute(task, plan.out, reporter, wait=True)
     if not quiet:
@@ -259,17 +261,20 @@ def _launch(plan, opts: dict, quiet: bool, resume: bool = True) -> None:
     """Run a plan with the launcher the options choose; exit status 1 when any run failed."""
     from fairbench.launch import LocalPool, parse_gpus, run_inline
     from fairbench.progress import RichReporter
+    from fairbench.worker import intra_op_threads
 
     launcher = opts["launcher"] or ("local" if opts["workers"] or opts["gpus"] else "inline")
     if opts["workers"] is not None and opts["workers"] < 1:
         raise FairbenchError(f"--workers must be at least 1, got {opts['workers']}")
+    if opts["threads"] is not None and opts["threads"] < 1:
+        raise FairbenchError(f"--threads must be at least 1, got {opts['threads']}")
     if launcher == "inline":
-        with RichReporter(err_console, quiet=quiet) as reporter:
+        with RichReporter(err_console, quiet=quiet) as reporter, intra_op_threads(opts["threads"]):
             summary = run_inline(plan, reporter, err_console, resume)
     elif launcher == "local":
         summary = LocalPool(plan, plan.save(), workers=opts["workers"], gpus=parse_gpus(opts["gpus"]),
                             runs_per_gpu=opts["runs_per_gpu"], max_retries=opts["max_retries"],
-                            console=err_console).run()
+                            console=err_console, threads=opts["threads"]).run()
     elif launcher == "slurm":
         from fairbench.slurm import submit_slurm
 

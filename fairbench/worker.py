@@ -13,6 +13,7 @@ with its message), 130 (interrupted) or 1 (a crash, recorded in failed.json).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -31,14 +32,30 @@ EXIT_LOCKED = 75
 THREADS_ENV = "FAIRBENCH_THREADS"
 
 
-def set_threads(count: int | None = None) -> None:
-    """Intra-op threads of this process: `count`, else $FAIRBENCH_THREADS (set by the launchers to the
-    worker's share of the cores; processes that each spin every core collapse on shared machines)."""
+def set_threads(count: int | None = None) -> int:
+    """Set the intra-op threads of this process to `count`, else $FAIRBENCH_THREADS (the launchers set it to
+    the worker's share of the cores: processes that each spin every core collapse on shared machines);
+    returns the previous count. On CPU a run's weight gradients are summed in an order that depends on the
+    thread count, so runs are bit-identical for the same count (recorded in run.json)."""
+    import torch
+
+    previous = torch.get_num_threads()
     count = count or int(os.environ.get(THREADS_ENV, "0") or 0)
     if count > 0:
+        torch.set_num_threads(count)
+    return previous
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int | None):
+    """`set_threads(count)` for the duration of a block (in-process launchers give the count back)."""
+    previous = set_threads(count)
+    try:
+        yield
+    finally:
         import torch
 
-        torch.set_num_threads(count)
+        torch.set_num_threads(previous)
 
 
 class ProgressFile:

@@ -204,7 +204,7 @@ def status(results_dir, fmt, log_lines) -> None:
         raise FairbenchError(f"no runs under {out} (neither run folders nor saved plans); start one with `fairbench run`")
     t = Table(title=f"fairbench status: {out}", title_justify="left")
     for col in ("run id", "state", "epoch", "img/s", "ETA", "detail"):
-        t.add_column(col, overflow="fold")
+        t.add_column(col, overflow="fold", no_wrap=col == "run id")
     colours = {"done": "green", "running": "cyan", "failed": "red", "partial": "yellow", "pending": "dim"}
     for s in states:
         detail = s.detail
@@ -325,12 +325,12 @@ GRID_PARAMS = ("methods", "config_path", "scale", "dataset", "seeds", "arch", "e
 
 def _plan_table(plan, states) -> Table:
     t = Table(title=f"plan {plan.name}: {len(plan.tasks)} run(s) under {plan.out}", title_justify="left")
-    for col in ("#", "run", "run id", "needs", "epochs", "status"):
-        t.add_column(col, overflow="fold")
+    for col in ("#", "run id", "needs", "epochs", "status"):
+        t.add_column(col, overflow="fold", no_wrap=col == "run id")
     for task, s in zip(plan.tasks, states):
         needs = ", ".join(f"#{_index_of(plan, n)}" for n in task.needs)
         progress = f" ({s.epoch}/{s.epochs})" if s.state in ("partial", "running", "failed") else ""
-        t.add_row(str(task.index), task.label, task.run_id, needs, str(task.epochs), s.state + progress)
+        t.add_row(str(task.index), task.run_id, needs, str(task.epochs), s.state + progress)
     return t
 
 

@@ -26,8 +26,8 @@ from fairbench.data.loader import DeviceSplit, eval_batches, stratified_subset
 from fairbench.engine import Reporter, SilentReporter, Trainer, select_device
 from fairbench.errors import FairbenchError
 from fairbench.evalchecks import epoch_checks, model_flags
-from fairbench.lock import RunLock
 from fairbench.evaluate import canonical_order, evaluate_split, per_class_counts
+from fairbench.lock import RunLock
 from fairbench.results import CLASSWISE_COLUMNS, write_json, write_parquet
 from fairbench.spec import ResolvedRun, RunSpec, provenance, resolve
 

@@ -41,14 +41,20 @@ class Summary:
     failed: dict[str, str] = field(default_factory=dict)
     """run id -> error and log path."""
     interrupted: bool = False
+    submitted: list[str] = field(default_factory=list)
+    """Run ids handed to a cluster that runs them later (Slurm without --wait)."""
 
     @property
     def exit_code(self) -> int:
         return 130 if self.interrupted else (1 if self.failed else 0)
 
     def report(self, console: Console, out: Path) -> None:
-        console.print(f"done: {len(self.done)} run(s) trained or evaluated now, {len(self.skipped)} finished "
-                      f"earlier; results in {out}; `fairbench status --results {out}` shows them", highlight=False)
+        if self.submitted:
+            console.print(f"submitted {len(self.submitted)} run(s), {len(self.skipped)} finished earlier; "
+                          f"`fairbench status --results {out}` follows them", highlight=False)
+        else:
+            console.print(f"done: {len(self.done)} run(s) trained or evaluated now, {len(self.skipped)} finished "
+                          f"earlier; results in {out}; `fairbench status --results {out}` shows them", highlight=False)
         for run_id, why in self.failed.items():
             console.print(f"[bold red]failed[/bold red] {escape(run_id)}: {escape(why)}", highlight=False,
                           soft_wrap=True)
@@ -58,6 +64,18 @@ class Summary:
 
 def log_path(out: Path, task: Task) -> Path:
     return Path(out) / LOGS / f"{task.run_id}{'' if task.kind == 'train' else '.eval'}.log"
+
+
+def unfinished(plan: Plan) -> tuple[Summary, list[Task]]:
+    """The tasks still to run, and a summary that counts the finished training runs as skipped (cluster
+    launchers submit only what is left)."""
+    summary, todo = Summary(), []
+    for task in plan.tasks:
+        if task.kind == "train" and is_finished(run_dir(plan.out, task.run_id)):
+            summary_add(summary, task, "skipped")
+        else:
+            todo.append(task)
+    return summary, todo
 
 
 def needs_met(task: Task, out: Path) -> bool:
@@ -235,7 +253,7 @@ class LocalPool:
 
     def _fail(self, task: Task, why: str, log: Path | None) -> None:
         self.state[task.run_id] = "failed"
-        tail = _tail(log) if log else []
+        tail = log_tail(log) if log else []
         record_failure(task_folder(task, self.plan.out), why, tail, log)
         self.summary.failed[task.run_id] = why + (f" (log: {log})" if log else "")
         self.say(f"[bold red]{escape(task.run_id)} failed[/bold red]: {escape(why)}")
@@ -262,8 +280,8 @@ class LocalPool:
 
     def _table(self) -> Table:
         table = Table(title=f"fairbench: {len(self.plan.tasks)} run(s)", title_justify="left")
-        for col in ("#", "run", "run id", "state", "epoch", "img/s", "ETA"):
-            table.add_column(col)
+        for col in ("#", "run id", "state", "epoch", "img/s", "ETA"):
+            table.add_column(col, no_wrap=col == "run id")
         for task in self.plan.tasks:
             state = self.state[task.run_id]
             epoch = speed = eta = ""
@@ -272,7 +290,7 @@ class LocalPool:
                 epoch = f"{now.epoch}/{now.epochs}"
                 speed = f"{now.images_per_s:,.0f}" if now.images_per_s else ""
                 eta = format_duration(now.eta_s)
-            table.add_row(str(task.index), task.label, task.run_id, state, epoch, speed, eta)
+            table.add_row(str(task.index), task.run_id, state, epoch, speed, eta)
         return table
 
 
@@ -292,7 +310,7 @@ def _describe_exit(code: int) -> str:
     return f"status {code}"
 
 
-def _tail(path: Path, lines: int = 12) -> list[str]:
+def log_tail(path: Path, lines: int = 12) -> list[str]:
     try:
         return path.read_text(errors="replace").rstrip().splitlines()[-lines:]
     except OSError:
@@ -300,12 +318,12 @@ def _tail(path: Path, lines: int = 12) -> list[str]:
 
 
 def _last_error(path: Path) -> str:
-    errors = [line for line in _tail(path, 40) if line.startswith("error: ")]
+    errors = [line for line in log_tail(path, 40) if line.startswith("error: ")]
     return errors[-1][len("error: "):] if errors else "failed (see its log)"
 
 
 def _last_status(path: Path) -> str:
-    for line in reversed(_tail(path, 40)):
+    for line in reversed(log_tail(path, 40)):
         if line.startswith('{"run_id"'):
             return "skipped" if '"skipped"' in line else "done"
     return "done"

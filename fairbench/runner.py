@@ -18,8 +18,8 @@ from fairbench.checkpoint import checkpoint_path, list_checkpoints
 from fairbench.data import load_dataset
 from fairbench.engine import Reporter, SilentReporter, Trainer, select_device
 from fairbench.errors import FairbenchError
-from fairbench.lock import RunLock
 from fairbench.evalrun import PARTIAL, classwise_table, eval_split, evaluate_epochs, suite_eps
+from fairbench.lock import RunLock
 from fairbench.registry import get_method_class
 from fairbench.results import is_finished, run_dir, write_json, write_parquet
 from fairbench.spec import ResolvedRun, RunSpec, hot_start_base, provenance, resolve

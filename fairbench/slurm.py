@@ -20,9 +20,8 @@ from pathlib import Path
 from rich.console import Console
 
 from fairbench.errors import FairbenchError
-from fairbench.launch import LOGS, Summary, summary_add
+from fairbench.launch import Summary, summary_add, unfinished
 from fairbench.plan import Plan, run_state
-from fairbench.results import is_finished, run_dir
 
 SLURM = "slurm"
 
@@ -97,14 +96,13 @@ def parse_time(text: str | None) -> int | None:
 def sbatch_script(plan: Plan, command: str, resources: SlurmResources) -> str:
     """A plain Slurm array script: task K runs `command` with K = $SLURM_ARRAY_TASK_ID. Dependencies are
     kept by the run lock: a hot-started run whose base is not finished trains (or waits for) the base first."""
-    logs = Path(plan.out) / LOGS
     lines = ["#!/bin/bash", f"#SBATCH --job-name=fairbench-{plan.name}", f"#SBATCH --array=0-{len(plan.tasks) - 1}",
-             f"#SBATCH --output={logs}/slurm-%A_%a.log", "#SBATCH --requeue", "#SBATCH --signal=USR2@90"]
+             "#SBATCH --output=slurm-%x-%A_%a.log", "#SBATCH --requeue"]
     lines += [f"#SBATCH --{key}={value}" for key, value in resources.sbatch_options().items()]
     lines += ["",
-              f"# {len(plan.tasks)} run(s) of plan {plan.name}; a run that is finished is skipped, a partial one",
-              "# resumes, so resubmitting this script (or a requeued task) continues the grid.",
-              f"mkdir -p {logs}",
+              f"# {len(plan.tasks)} run(s) of plan {plan.name}, one per array task (`fairbench plan` lists them); a",
+              "# finished run is skipped and a partial one resumes, so a requeued task or a resubmitted script",
+              "# continues the grid. Job logs: slurm-<name>-<job>_<task>.log in the folder you submit from.",
               "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1} FAIRBENCH_THREADS=${SLURM_CPUS_PER_TASK:-1}",
               command, ""]
     return "\n".join(lines)
@@ -157,13 +155,7 @@ def submit_slurm(plan: Plan, plan_path: Path, resources: SlurmResources, wait: b
     if shutil.which("sbatch") is None:
         raise FairbenchError("--launcher slurm: sbatch is not on PATH; run this on a Slurm login node "
                              "(or write a script with `fairbench plan --format sbatch`)")
-    summary = Summary()
-    todo = []
-    for task in plan.tasks:
-        if task.kind == "train" and is_finished(run_dir(plan.out, task.run_id)):
-            summary_add(summary, task, "skipped")
-        else:
-            todo.append(task)
+    summary, todo = unfinished(plan)
     if not todo:
         return summary
     executor = submitit.SlurmExecutor(folder=Path(plan.out) / SLURM / "%j", max_num_timeout=100)
@@ -181,14 +173,14 @@ def submit_slurm(plan: Plan, plan_path: Path, resources: SlurmResources, wait: b
     executor.update_parameters(dependency=None)
     for task in todo:
         console.print(f"submitted {task.run_id}: job {jobs[task.run_id].job_id}", highlight=False)
-    console.print(f"follow them with `fairbench status --results {plan.out}`; job logs in {Path(plan.out) / SLURM}",
-                  highlight=False)
+    console.print(f"job logs in {Path(plan.out) / SLURM}", highlight=False)
     if not wait:
+        summary.submitted = [t.run_id for t in todo]
         return summary
     return _wait(plan, todo, jobs, summary, console)
 
 
-def _wait(plan: Plan, todo: list, jobs: dict, summary: Summary, console: Console, poll_s: float = 5.0) -> Summary:
+def _wait(plan: Plan, todo: list, jobs: dict, summary: Summary, console: Console, poll_s: float = 2.0) -> Summary:
     """Block until every job ended, printing each run as it finishes; failures carry the job's error."""
     pending = list(todo)
     while pending:

@@ -114,7 +114,10 @@ def test_killed_worker_is_retried_and_ends_bit_identical(tmp_path, capsys):
             pass
         time.sleep(0.05)
     pid = json.loads((folder / "run.lock").read_text())["pid"]
-    os.kill(pid, signal.SIGKILL)  # mid-epoch 3, no chance to clean up: its lock file stays behind
+    code, text, _ = run_cli(["status", "--results", str(tmp_path / "pool"), "--format", "json"], capsys)
+    (state,) = json.loads(text)
+    assert state["state"] == "running" and f":{pid}, heartbeat" in state["detail"] and state["epoch"] >= 2
+    os.kill(pid, signal.SIGKILL)  # mid-epoch, no chance to clean up: its lock file stays behind
     out = finish(launcher)
     assert "signal SIGKILL; retrying from its last checkpoint (1/1)" in out
     log = (tmp_path / "pool" / "logs" / f"{run_id}.log").read_text()
@@ -123,6 +126,40 @@ def test_killed_worker_is_retried_and_ends_bit_identical(tmp_path, capsys):
     got = torch.load(folder / "checkpoints" / "epoch_0005.pt", weights_only=True)
     assert all(torch.equal(ref["model"][k], got["model"][k]) for k in ref["model"])
     same_results(tmp_path / "ref", tmp_path / "pool")
+
+
+def test_ctrl_c_stops_the_pool_and_a_rerun_continues(tmp_path, capsys):
+    grid = ["--methods", "trades", "--epochs", "4", "--eval-per-class", "5", "--eval-last", "1", "--set", "steps=2",
+            "--out", str(tmp_path), "--workers", "1"]
+    launcher = fairbench("run", *grid)
+    progress = next(iter(tmp_path.glob("runs/*/progress.json")), None)
+    deadline = time.time() + 120
+    while time.time() < deadline and (progress is None or json.loads(progress.read_text() or "{}").get("epoch", 0) < 1):
+        time.sleep(0.05)
+        progress = next(iter(tmp_path.glob("runs/*/progress.json")), None)
+    launcher.send_signal(signal.SIGINT)
+    out, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode == 130 and "interrupted" in out
+    code, text, _ = run_cli(["status", "--results", str(tmp_path), "--format", "json"], capsys)
+    (state,) = json.loads(text)
+    assert state["state"] == "partial" and 1 <= state["epoch"] < 4  # the worker let go of its lock
+    assert not (progress.parent / "run.lock").exists()
+    again = finish(fairbench("run", *grid))
+    assert "1 run(s) trained or evaluated now" in again
+    assert f"resuming after epoch {state['epoch']}" in (tmp_path / "logs" / f"{state['run_id']}.log").read_text()
+
+
+def test_evaluations_of_a_grid_run_in_the_pool(tmp_path, capsys):
+    grid = ["--methods", "trades,dafa", "--epochs", "2", "--train-per-class", "20", "--eval-per-class", "5",
+            "--eval-last", "1", "--out", str(tmp_path)]
+    assert run_cli(["run", *grid, "-q"], capsys)[0] == 0
+    out = finish(fairbench("eval", str(tmp_path), "--attack", "cw20", "--checkpoints", "final", "--n-examples", "20",
+                           "--workers", "2"))
+    assert "2 run(s) trained or evaluated now" in out
+    for run_id in runs(tmp_path):
+        samples = pd.read_parquet(tmp_path / "runs" / run_id / "samples.parquet")
+        assert (samples.suite == "cw20").sum() == 20
+        assert "cw20" in (tmp_path / "logs" / f"{run_id}.eval.log").read_text()
 
 
 def test_index_runs_one_plan_entry_and_commands_replay_it(tmp_path, capsys):

@@ -31,10 +31,22 @@ def list_checkpoints(folder: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()
+"""The mode of an ordinary new file (mkstemp's temporaries are 0600: a shared results folder would be
+unreadable by the rest of a lab)."""
+
+
 def atomic_write(path: Path, write: Any) -> None:
     """Write through `write(file_path)` to a temporary sibling, fsync, then rename into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, FILE_MODE)
     os.close(fd)
     try:
         write(tmp)

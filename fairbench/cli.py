@@ -388,8 +388,16 @@ def eval_cmd(targets, attack, checkpoints, n_examples, eval_eps, eps_sweep, atta
             create_attack(a, 8 / 255)
     radii = _eps_sweep(eps_sweep, eval_eps, attacks) if eps_sweep else [
         parse_number(eval_eps) if eval_eps else None]
+    if radii[0] is not None and radii[0] < 0:
+        raise FairbenchError(f"--eps must be >= 0, got {eval_eps}")
+    if n_examples is not None and n_examples < 1:
+        raise FairbenchError(f"--n-examples must be at least 1 (or left out for the whole test set), got {n_examples}")
+    from fairbench.evalrun import checkpoint_epoch
+
     folders = []
     for target in map(Path, targets):
+        if target.is_file():
+            checkpoint_epoch(target)  # only RUN/checkpoints/epoch_NNNN.pt; says what eval takes otherwise
         runs = sorted(p.parent for p in target.glob("runs/*/run.json")) or sorted(p.parent for p in target.glob("*/run.json"))
         folders.extend(runs or [target])
     first = folders[0].parent.parent if folders[0].suffix == ".pt" else folders[0]

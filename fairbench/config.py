@@ -58,7 +58,11 @@ def apply_overrides(config: Any, overrides: dict[str, Any], owner: str) -> Any:
     for key, raw in overrides.items():
         if key not in types_:
             raise UnknownNameError(f"option of {owner}", key, list(types_))
-        values[key] = _convert(raw, types_[key], key) if isinstance(raw, str) else raw
+        value = _convert(raw, types_[key], key) if isinstance(raw, str) else raw
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not value >= 0:
+            raise FairbenchError(f"--set {key}={raw}: {owner}'s {key} is a radius, step, weight or count and "
+                                 f"must be >= 0")
+        values[key] = value
     return dataclasses.replace(config, **values)
 
 

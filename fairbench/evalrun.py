@@ -130,7 +130,7 @@ def select_epochs(available: list[int], which: str) -> list[int]:
         return available
     if which == "final":
         return available[-1:]
-    if which.startswith("last") and which[4:].isdigit():
+    if which.startswith("last") and which[4:].isdigit() and int(which[4:]) > 0:
         return available[-int(which[4:]):]
     try:
         wanted = [int(e) for e in which.split(",")]
@@ -142,14 +142,32 @@ def select_epochs(available: list[int], which: str) -> list[int]:
     return wanted
 
 
+def checkpoint_epoch(path: Path) -> int:
+    """The epoch of a checkpoint file inside a run folder (RUN/checkpoints/epoch_NNNN.pt)."""
+    found = list_checkpoints(path.parent)
+    epoch = next((e for e, p in found.items() if p.name == path.name), None)
+    if epoch is None or path.parent.name != "checkpoints" or not (path.parent.parent / "run.json").is_file():
+        raise FairbenchError(f"{path}: `fairbench eval` takes a run folder, a results folder or a checkpoint "
+                             f"RUN/checkpoints/epoch_NNNN.pt written by `fairbench run`; this file is none of them")
+    return epoch
+
+
 def load_run_spec(folder: Path) -> tuple[RunSpec, dict]:
     path = folder / "run.json"
     if not path.is_file():
         raise FairbenchError(f"{folder} is not a finished fairbench run (no run.json); train it with `fairbench run`")
-    meta = json.loads(path.read_text())
-    if "spec" not in meta:
-        raise FairbenchError(f"{path} has no run spec (written by an older fairbench); re-run the training")
-    return RunSpec.from_dict(meta["spec"]), meta
+    damaged = (f"{path} is damaged ({{}}); restore it from a copy, or train the run again with `fairbench run` "
+               f"(its checkpoints stay)")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise FairbenchError(damaged.format(f"not readable JSON: {err}")) from err
+    if not isinstance(meta, dict) or not isinstance(meta.get("spec"), dict) or "run_id" not in meta:
+        raise FairbenchError(damaged.format("no run_id or run spec in it"))
+    try:
+        return RunSpec.from_dict(meta["spec"]), meta
+    except (TypeError, ValueError) as err:
+        raise FairbenchError(damaged.format(f"its run spec does not fit this fairbench: {err}")) from err
 
 
 @dataclasses.dataclass
@@ -171,7 +189,7 @@ def open_run(folder: Path, checkpoints: str, per_class: int | None = None, data_
     the chosen checkpoints and test samples (`per_class`, or about `n_examples` stratified)."""
     folder = Path(folder)
     if folder.suffix == ".pt":  # a checkpoint file: evaluate that epoch of its run
-        checkpoints, folder = str(int(folder.stem.split("_")[1])), folder.parent.parent
+        checkpoints, folder = str(checkpoint_epoch(folder)), folder.parent.parent
     spec, meta = load_run_spec(folder)
     spec = dataclasses.replace(spec, data_dir=data_dir or spec.data_dir, device=device)
     resolved = resolve(spec)
@@ -264,7 +282,9 @@ def merge_results(folder: Path, samples: pd.DataFrame, resolved: ResolvedRun, cl
         evaluation["suites"] = [names.get(a, a) for a in attacks]
     if checks is not None:
         evaluation["checks"] = checks
-    meta.setdefault("evaluations", []).append(evaluation)
+    same = {k: evaluation.get(k) for k in ("attacks", "eps", "attack_precision", "epochs", "suites")}
+    earlier = [e for e in meta.get("evaluations", []) if {k: e.get(k) for k in same} != same]
+    meta["evaluations"] = [*earlier, evaluation]  # rerun after a kill between the files: one entry, not two
     write_parquet(folder / "samples.parquet", merged)
     write_json(folder / "run.json", meta)
     write_parquet(folder / "classwise.parquet", classwise, meta)

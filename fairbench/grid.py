@@ -54,10 +54,50 @@ def grid_settings(config: dict[str, Any], scale: str | None) -> dict[str, Any]:
     unknown = set(settings) - set(LIST_KEYS) - set(SCALAR_KEYS) - {"set", "attacks", "name", "description"}
     if unknown:
         raise UnknownNameError("grid key", sorted(unknown)[0], [*LIST_KEYS, *SCALAR_KEYS, "set", "attacks"])
+    check_types(settings)
     for key in ("methods", "datasets"):
         if not settings.get(key):
             raise FairbenchError(f"the grid names no {key}")
     return settings
+
+
+INT_KEYS = ("epochs", "batch_size", "train_per_class", "eval_per_class", "eval_last", "hot_start_epochs")
+NUMBER_KEYS = ("lr", "weight_decay")
+TEXT_KEYS = ("schedule", "protocol", "name", "description")
+
+
+def check_types(settings: dict[str, Any]) -> None:
+    """Every grid value of the type its key needs (TOML lets `epochs = "abc"` or `methods = "trades"` through)."""
+    def fail(key: str, wanted: str) -> None:
+        raise FairbenchError(f"grid key {key} expects {wanted}, got {settings[key]!r}")
+
+    for key in LIST_KEYS + ("attacks",):
+        if key not in settings:
+            continue
+        value = settings[key]
+        if key == "seeds":
+            if not isinstance(value, list) or not all(_is_int(v) and v >= 0 for v in value):
+                fail(key, "a list of integers >= 0, like [1, 2, 3]")
+        elif not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            fail(key, f'a list of names, like ["{"trades" if key == "methods" else "name"}"]')
+    for key in INT_KEYS:
+        if key in settings and not _is_int(settings[key]):
+            fail(key, "an integer")
+    for key in NUMBER_KEYS:
+        if key in settings and (isinstance(settings[key], bool) or not isinstance(settings[key], (int, float))):
+            fail(key, "a number")
+    for key in TEXT_KEYS:
+        if key in settings and not isinstance(settings[key], str):
+            fail(key, "a string")
+    if "eval_eps" in settings and (isinstance(settings["eval_eps"], bool)
+                                   or not isinstance(settings["eval_eps"], (int, float, str))):
+        fail("eval_eps", 'a number or a fraction like "8/255"')
+    if not isinstance(settings.get("set", {}), dict):
+        fail("set", "a table of method hyperparameters")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def grid_name(config: dict[str, Any], scale: str | None) -> str:
@@ -75,6 +115,6 @@ def grid_specs(config: dict[str, Any], scale: str | None = None, **common: Any) 
     if "eval_eps" in scalars:
         scalars["eval_eps"] = parse_number(str(scalars["eval_eps"]))
     attacks = tuple(s.get("attacks", ["pgd20"]))
-    return [RunSpec(method=m, dataset=d, seed=int(seed), arch=a, overrides=overrides, attacks=attacks,
+    return [RunSpec(method=m, dataset=d, seed=seed, arch=a, overrides=overrides, attacks=attacks,
                     **scalars, **common)
             for d, a, m, seed in product(s["datasets"], s.get("archs", [None]), s["methods"], s.get("seeds", [1]))]

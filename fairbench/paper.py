@@ -14,7 +14,6 @@ entry to match the paper; the layout's notes list which published entries need w
 from __future__ import annotations
 
 import dataclasses
-
 import math
 from dataclasses import dataclass, field, replace
 

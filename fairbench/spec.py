@@ -13,10 +13,9 @@ from typing import Any
 
 from fairbench.config import apply_overrides
 from fairbench.data import get_dataset_info
-from fairbench.errors import FairbenchError
+from fairbench.errors import FairbenchError, UnknownNameError
 from fairbench.method import FairAT
 from fairbench.models import MODELS
-from fairbench.errors import UnknownNameError
 from fairbench.registry import get_method_class, method_source
 from fairbench.schedules import SCHEDULES
 
@@ -166,7 +165,32 @@ def check_overrides(overrides: dict[str, str], methods: list[str]) -> None:
             raise UnknownNameError("option", name, sorted(set().union(*fields_by_method.values())))
 
 
+SPEC_LIMITS: tuple[tuple[str, str, float, bool], ...] = (
+    # field, the option a user sets it with, lower bound, bound allowed
+    ("seed", "--seeds", 0, True), ("epochs", "--epochs", 1, True), ("batch_size", "--batch-size", 1, True),
+    ("lr", "--lr", 0, False), ("momentum", "--momentum", 0, True), ("weight_decay", "--weight-decay", 0, True),
+    ("hot_start_epochs", "--hot-start-epochs", 1, True), ("train_per_class", "--train-per-class", 1, True),
+    ("eval_per_class", "--eval-per-class", 1, True), ("eval_eps", "--eps", 0, True),
+    ("eval_last", "--eval-last", 1, True), ("eval_batch_size", "eval_batch_size", 1, True),
+)
+"""Values a run refuses instead of training something other than what was meant (e.g. --train-per-class 0
+used to mean 'everything')."""
+
+
+def check_spec(spec: RunSpec) -> None:
+    for name, option, low, inclusive in SPEC_LIMITS:
+        value = getattr(spec, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise FairbenchError(f"{option} expects a number, got {value!r}")
+        if value < low or (value == low and not inclusive):
+            bound = f">= {low:g}" if inclusive else f"> {low:g}"
+            raise FairbenchError(f"{option} must be {bound}, got {value:g}")
+
+
 def resolve(spec: RunSpec) -> ResolvedRun:
+    check_spec(spec)
     info = get_dataset_info(spec.dataset)
     cls = get_method_class(spec.method)
     if spec.protocol not in ("common", "official"):
@@ -198,6 +222,7 @@ def hot_start_base(spec: RunSpec) -> RunSpec:
     """The run a hot-started method starts from: its `hot_start` method on the same data, arch, subset and
     seed, under the common protocol (epochs from `hot_start_epochs`, else the dataset's default), with the
     run's bare `--set` options (so `--set steps=2` is the same grid-wide; `frl.beta` stays FRL's)."""
+    check_spec(spec)  # before its options become the base run's (--hot-start-epochs 0 names that option)
     cls = get_method_class(spec.method)
     shared = {k: v for k, v in spec.overrides.items() if "." not in k}  # bare keys reach the base run too
     return dataclasses.replace(spec, method=cls.hot_start, overrides=shared, protocol="common", init_from=None,

@@ -129,7 +129,8 @@ def execute(task: Task, out: Path, reporter=None, wait: bool = True, resume: boo
     except (RunLockedError, KeyboardInterrupt, SystemExit):
         raise  # not failures: another process has the run; a stop asked for (Ctrl-C, a Slurm preemption)
     except BaseException as err:
-        record_failure(folder, err)
+        if task.kind == "train" or (folder / "run.json").is_file():  # never write into a folder that is no run
+            record_failure(folder, err)
         raise
     (folder / FAILED).unlink(missing_ok=True)
     return status

@@ -72,11 +72,11 @@ def create_attack(name: str, eps: float) -> EvalAttack:
 def _load() -> None:
     import fairbench.attacks.a3  # noqa: F401
     import fairbench.attacks.apgd  # noqa: F401
-    import fairbench.attacks.fab  # noqa: F401
     import fairbench.attacks.autoattack  # noqa: F401
+    import fairbench.attacks.fab  # noqa: F401
     import fairbench.attacks.official  # noqa: F401
-    import fairbench.attacks.square  # noqa: F401
     import fairbench.attacks.pgd  # noqa: F401  (registers the PGD family)
+    import fairbench.attacks.square  # noqa: F401
 
 
 def require_classes(component: str, needed: int, available: int, why: str) -> None:

@@ -61,20 +61,39 @@ def atomic_write(path: Path, write: Any) -> None:
 def save_checkpoint(folder: Path, epoch: int, state: dict[str, Any], keep_last: int) -> Path:
     path = checkpoint_path(folder, epoch)
     atomic_write(path, lambda tmp: torch.save({"format_version": FORMAT_VERSION, "epoch": epoch, **state}, tmp))
-    for old_epoch, old in list_checkpoints(folder).items():
-        if old_epoch <= epoch - keep_last:
-            old.unlink(missing_ok=True)
+    prune_checkpoints(folder, keep_last)
     return path
 
 
-def load_checkpoint(path: Path, run_id: str, config_hash: str) -> dict[str, Any]:
-    """Load and check that the file belongs to this run; a clear CheckpointError otherwise."""
+def prune_checkpoints(folder: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` checkpoints (also after a kill between a write and its pruning)."""
+    found = list_checkpoints(folder)
+    newest = max(found, default=0)
+    for old_epoch, old in found.items():
+        if old_epoch <= newest - keep_last:
+            old.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporaries of writes a kill interrupted (`.NAME.*.tmp`) in `folder` and its checkpoints;
+    call only while holding the run's lock (nobody else writes there then)."""
+    stale = [p for d in (folder, folder / "checkpoints") if d.is_dir() for p in d.glob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def load_checkpoint(path: Path, run_id: str, config_hash: str, resuming: bool = True) -> dict[str, Any]:
+    """Load and check that the file belongs to this run; a clear CheckpointError otherwise (`resuming`:
+    the advice fits a run that resumes training; an evaluation never suggests deleting a checkpoint)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(
-            f"checkpoint {path} is corrupted or unreadable ({type(err).__name__}: {err}). "
-            f"Delete it to resume from the previous epoch's checkpoint; nothing was overwritten.") from err
+        advice = ("Delete it to resume from the previous epoch's checkpoint; nothing was overwritten." if resuming
+                  else "Restore it from a copy, or evaluate the run's other epochs with --checkpoints; nothing "
+                       "was changed.")
+        raise CheckpointError(f"checkpoint {path} is corrupted or unreadable ({type(err).__name__}: "
+                              f"{_first_line(err)}). {advice}") from err
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} is not a fairbench v{FORMAT_VERSION} checkpoint")
     if state.get("run_id") != run_id or state.get("config_hash") != config_hash:
@@ -82,3 +101,8 @@ def load_checkpoint(path: Path, run_id: str, config_hash: str) -> dict[str, Any]
             f"checkpoint {path} belongs to run {state.get('run_id')} (config {state.get('config_hash')}), "
             f"not to {run_id} (config {config_hash}); use another --out folder or remove it")
     return state
+
+
+def _first_line(err: Exception, limit: int = 200) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return text if len(text) <= limit else text[:limit] + "..."

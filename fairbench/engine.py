@@ -116,13 +116,17 @@ class Trainer:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "method": self.method.state_dict(), "torch_rng": torch.get_rng_state()}
 
-    def restore(self, state: dict) -> None:
+    def restore(self, state: dict, source: Path | str = "checkpoint") -> None:
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.method.load_state_dict(state["method"])
         except (KeyError, RuntimeError, ValueError) as err:
-            raise FairbenchError(f"checkpoint does not match this run's model or method: {err}") from err
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise FairbenchError(
+                f"{source} does not fit this run's model or method ({first}); it was written by another "
+                f"fairbench version or configuration: choose another --out folder, or remove the run folder to "
+                f"train it again") from err
         torch.set_rng_state(state["torch_rng"])
 
     def resume_epoch(self, folder: Path) -> int:
@@ -132,7 +136,7 @@ class Trainer:
             return 0
         epoch, path = max(found.items())
         state = load_checkpoint(path, self.resolved.run_id, self.resolved.config_hash)
-        self.restore(state)
+        self.restore(state, path)
         return epoch
 
     # -- training ----------------------------------------------------------------------------------

@@ -57,6 +57,11 @@ def eval_split(resolved: ResolvedRun, dataset, device: torch.device, per_class: 
     return full if index is None else full.subset(torch.as_tensor(index, device=device))
 
 
+def partial_name(epoch: int, attacks: list[str], eps: float, precision: str) -> str:
+    """The folder of one epoch's resumable chunk records under `<run>/partial_eval/`."""
+    return f"epoch_{epoch:04d}_{'+'.join(attacks)}_{eps:.8f}_{precision}"
+
+
 def evaluate_epochs(trainer: Trainer, epochs: list[int], attacks: list[str], eps: float, split: DeviceSplit,
                     folder: Path, reporter: Reporter, precision: str | None = None) -> tuple[pd.DataFrame, dict]:
     """(per-sample records with an `epoch` column, the automatic checks per epoch) of `attacks` on each
@@ -68,11 +73,12 @@ def evaluate_epochs(trainer: Trainer, epochs: list[int], attacks: list[str], eps
     frames, checks = [], {}
     for epoch in epochs:
         t0 = time.perf_counter()
-        trainer.restore(load_checkpoint(found[epoch], resolved.run_id, resolved.config_hash))
+        trainer.restore(load_checkpoint(found[epoch], resolved.run_id, resolved.config_hash, resuming=False),
+                        found[epoch])
         model = trainer.method.eval_model(trainer.model)
         x, y, _ = next(eval_batches(split, resolved.spec.eval_batch_size))
         flags = model_flags(model, x, y)
-        part = folder / PARTIAL / f"epoch_{epoch:04d}_{'+'.join(attacks)}_{eps:.8f}_{precision}"
+        part = folder / PARTIAL / partial_name(epoch, attacks, eps, precision)
         samples = evaluate_resumable(model, split, attacks, eps, resolved.spec.eval_batch_size,
                                      resolved.spec.seed, part, search)
         checks[str(epoch)] = epoch_checks(samples, flags, suite_eps(attacks, eps))

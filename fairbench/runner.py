@@ -1,6 +1,7 @@
 """One run end to end: resolve, train (or resume), evaluate the last k checkpoints, write results."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import platform
 import shutil
@@ -14,11 +15,11 @@ import torch
 
 from fairbench import __version__
 from fairbench.attacks.registry import create_attack
-from fairbench.checkpoint import checkpoint_path, list_checkpoints
+from fairbench.checkpoint import checkpoint_path, list_checkpoints, prune_checkpoints, remove_stale_temporaries
 from fairbench.data import load_dataset
 from fairbench.engine import Reporter, SilentReporter, Trainer, select_device
 from fairbench.errors import FairbenchError
-from fairbench.evalrun import PARTIAL, classwise_table, eval_split, evaluate_epochs, suite_eps
+from fairbench.evalrun import PARTIAL, classwise_table, eval_split, evaluate_epochs, partial_name, suite_eps
 from fairbench.lock import RunLock
 from fairbench.registry import get_method_class
 from fairbench.results import is_finished, run_dir, write_json, write_parquet
@@ -44,6 +45,7 @@ def run_one(spec: RunSpec, out: Path, resume: bool = False, reporter: Reporter |
     folder = run_dir(out, resolved.run_id)
     if is_finished(folder):
         reporter.message(f"{resolved.run_id}: finished earlier, skipped")
+        tidy_finished(folder, resolved.spec)
         return RunOutcome(resolved.run_id, folder, "skipped")
     with RunLock(folder, "training", say=reporter.message).hold(wait) as lock:
         if is_finished(folder):
@@ -58,6 +60,9 @@ def _train_and_evaluate(spec: RunSpec, resolved: ResolvedRun, folder: Path, resu
     device = select_device(spec.device)
     trainer = Trainer.build(resolved, dataset, device)
     ckpt_dir = folder / "checkpoints"
+    for stale in remove_stale_temporaries(folder):
+        reporter.message(f"{resolved.run_id}: removed {stale.name}, left by an interrupted write")
+    prune_checkpoints(ckpt_dir, max(keep_last, spec.eval_last))
     existing = list_checkpoints(ckpt_dir)
     if existing and not resume:
         raise FairbenchError(
@@ -93,6 +98,29 @@ def _train_and_evaluate(spec: RunSpec, resolved: ResolvedRun, folder: Path, resu
     shutil.rmtree(folder / PARTIAL, ignore_errors=True)
     reporter.message(f"{resolved.run_id}: wrote {folder / 'classwise.parquet'}")
     return RunOutcome(resolved.run_id, folder, "done")
+
+
+def tidy_finished(folder: Path, spec: RunSpec) -> None:
+    """Remove what a kill after the last result file left in a finished run: temporaries, and the chunk
+    records of the run's own evaluation (those of a killed `fairbench eval` stay: it resumes from them).
+    Skipped while another process works on the run."""
+    attacks = [a for a in spec.attacks if a != "clean"]
+    own = [folder / PARTIAL / partial_name(e, attacks, spec.eval_eps, spec.attack_precision)
+           for e in list_checkpoints(folder / "checkpoints")]
+    own = [p for p in own if p.is_dir()]
+    if not own and not any(folder.glob(".*.tmp")):
+        return
+    lock = RunLock(folder, "tidying")
+    if lock.try_acquire() is not None:
+        return
+    try:
+        remove_stale_temporaries(folder)
+        for path in own:
+            shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (folder / PARTIAL).rmdir()  # only when nothing else is left in it
+    finally:
+        lock.release()
 
 
 def with_hot_start(spec: RunSpec, out: Path, resume: bool, reporter: Reporter, keep_last: int,

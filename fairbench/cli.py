@@ -204,7 +204,7 @@ def status(results_dir, fmt, log_lines) -> None:
         raise FairbenchError(f"no runs under {out} (neither run folders nor saved plans); start one with `fairbench run`")
     t = Table(title=f"fairbench status: {out}", title_justify="left")
     for col in ("run id", "state", "epoch", "img/s", "ETA", "detail"):
-        t.add_column(col, overflow="fold", no_wrap=col == "run id")
+        t.add_column(col, overflow="fold", no_wrap=col != "detail")
     colours = {"done": "green", "running": "cyan", "failed": "red", "partial": "yellow", "pending": "dim"}
     for s in states:
         detail = s.detail

@@ -175,11 +175,13 @@ def run_state(out: Path, run_id: str, epochs: int = 0) -> RunState:
     epoch = max(found) if found else 0
     progress = _read_json(folder / PROGRESS)
     epochs = epochs or int(progress.get("epochs", 0) or 0)
+    holder = read_lock(folder)
+    live = holder is not None and not holder.stale
     if is_finished(folder):
         return RunState(run_id, "done", epochs or epoch, epochs or epoch,
+                        f"{holder.purpose} on {holder.host}:{holder.pid}" if live else "",
                         updated=(folder / "classwise.parquet").stat().st_mtime)
-    holder = read_lock(folder)
-    if holder is not None and not holder.stale:
+    if live:
         speed = progress.get("images_per_s")
         return RunState(run_id, "running", int(progress.get("epoch", epoch) or epoch), epochs,
                         f"{holder.purpose} on {holder.host}:{holder.pid}, heartbeat {holder.age:.0f} s ago",

@@ -10,11 +10,11 @@ import threading
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 
 from tests.conftest import run_cli
+from tests.test_launch import runs, same_results
 
 if importlib.util.find_spec("ray") is None:  # not importorskip: Ray must be imported after the env below is set
     pytest.skip("Ray is not installed (pip install 'fairbench[ray]')", allow_module_level=True)
@@ -39,22 +39,6 @@ def ray_local():
             ray.shutdown()
 
 
-def _run_ids(out: Path) -> list[str]:
-    return sorted(p.name for p in (out / "runs").iterdir() if p.is_dir())
-
-
-def _frame(path: Path) -> pd.DataFrame:
-    frame = pd.read_parquet(path)
-    return frame.sort_values(list(frame.columns)).reset_index(drop=True)
-
-
-def _assert_same_results(a: Path, b: Path) -> None:
-    assert _run_ids(a) == _run_ids(b)
-    for run_id in _run_ids(a):
-        for name in ("classwise.parquet", "samples.parquet"):
-            pd.testing.assert_frame_equal(_frame(a / "runs" / run_id / name), _frame(b / "runs" / run_id / name))
-
-
 def test_ray_grid_matches_inline_and_runs_the_base_first(ray_local, tmp_path, capsys):
     grid = ["run", "--methods", "trades,frl", *DIGITS, "--seeds", "1", "--epochs", "2", "--hot-start-epochs", "2",
             "--train-per-class", "20"]
@@ -64,8 +48,8 @@ def test_ray_grid_matches_inline_and_runs_the_base_first(ray_local, tmp_path, ca
     assert code == 0, err
     assert "ray: 2 run(s) submitted" in err
 
-    _assert_same_results(tmp_path / "A", tmp_path / "B")
-    assert len(_run_ids(tmp_path / "B")) == 2
+    same_results(tmp_path / "A", tmp_path / "B")
+    assert len(runs(tmp_path / "B")) == 2
     frl_log = next((tmp_path / "B" / "logs").glob("frl_*.log")).read_text()
     assert "finished earlier, skipped" in frl_log  # FRL's TRADES base had finished when FRL started
     assert "threads=1" in frl_log
@@ -111,8 +95,8 @@ def test_ray_retries_a_killed_worker_and_ends_bit_identical(ray_local, tmp_path,
     assert killed, "the run ended before its worker could be killed"
     assert code == 0, err
 
-    _assert_same_results(tmp_path / "A", tmp_path / "B")
-    (run_id,) = _run_ids(tmp_path / "B")
+    same_results(tmp_path / "A", tmp_path / "B")
+    (run_id,) = runs(tmp_path / "B")
     log = (tmp_path / "B" / "logs" / f"{run_id}.log").read_text()
     assert log.count("--- ray task on") == 2  # the killed attempt and its retry
     last = max((tmp_path / "A" / "runs" / run_id / "checkpoints").glob("*.pt")).name

@@ -205,7 +205,8 @@ def status(results_dir, fmt, log_lines) -> None:
     t = Table(title=f"fairbench status: {out}", title_justify="left")
     for col in ("run id", "state", "epoch", "img/s", "ETA", "detail"):
         t.add_column(col, overflow="fold", no_wrap=col != "detail")
-    colours = {"done": "green", "running": "cyan", "failed": "red", "partial": "yellow", "pending": "dim"}
+    colours = {"done": "green", "running": "cyan", "failed": "red", "partial": "yellow", "damaged": "magenta",
+               "pending": "dim"}
     for s in states:
         detail = s.detail
         if s.state == "failed":

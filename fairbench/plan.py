@@ -22,7 +22,7 @@ from fairbench.checkpoint import list_checkpoints
 from fairbench.errors import FairbenchError
 from fairbench.lock import read_lock
 from fairbench.registry import get_method_class
-from fairbench.results import is_finished, run_dir, write_json
+from fairbench.results import is_damaged, is_finished, run_dir, write_json
 from fairbench.spec import RunSpec, hot_start_base, resolve
 
 PLANS = "plans"
@@ -157,7 +157,7 @@ class RunState:
 
     run_id: str
     state: str
-    """done, running, failed, partial or pending."""
+    """done, running, failed, partial, damaged or pending."""
     epoch: int = 0
     epochs: int = 0
     detail: str = ""
@@ -177,6 +177,9 @@ def run_state(out: Path, run_id: str, epochs: int = 0) -> RunState:
     epochs = epochs or int(progress.get("epochs", 0) or 0)
     holder = read_lock(folder)
     live = holder is not None and not holder.stale
+    if is_damaged(folder):
+        return RunState(run_id, "damaged", epoch, epochs, "classwise.parquet cannot be read; running the grid "
+                        "again evaluates the run again from its checkpoints")
     if is_finished(folder):
         return RunState(run_id, "done", epochs or epoch, epochs or epoch,
                         f"{holder.purpose} on {holder.host}:{holder.pid}" if live else "",

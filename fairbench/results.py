@@ -25,7 +25,21 @@ def run_dir(out: Path, run_id: str) -> Path:
 
 
 def is_finished(folder: Path) -> bool:
-    return (folder / "classwise.parquet").is_file()
+    """The run's per-class table is there and readable (written last, so the run is complete)."""
+    return (folder / "classwise.parquet").is_file() and not is_damaged(folder)
+
+
+def is_damaged(folder: Path) -> bool:
+    """A per-class table that cannot be read (a damaged disk or copy): the run is not finished; training
+    it again re-evaluates it from its checkpoints."""
+    path = folder / "classwise.parquet"
+    if not path.is_file():
+        return False
+    try:
+        pq.read_schema(path)
+    except Exception:  # noqa: BLE001 - any reader error means the file cannot be used
+        return True
+    return False
 
 
 def write_parquet(path: Path, frame: pd.DataFrame, metadata: dict[str, Any] | None = None) -> None:

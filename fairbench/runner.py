@@ -22,7 +22,7 @@ from fairbench.errors import FairbenchError
 from fairbench.evalrun import PARTIAL, classwise_table, eval_split, evaluate_epochs, partial_name, suite_eps
 from fairbench.lock import RunLock
 from fairbench.registry import get_method_class
-from fairbench.results import is_finished, run_dir, write_json, write_parquet
+from fairbench.results import is_damaged, is_finished, run_dir, write_json, write_parquet
 from fairbench.spec import ResolvedRun, RunSpec, hot_start_base, provenance, resolve
 
 
@@ -47,6 +47,10 @@ def run_one(spec: RunSpec, out: Path, resume: bool = False, reporter: Reporter |
         reporter.message(f"{resolved.run_id}: finished earlier, skipped")
         tidy_finished(folder, resolved.spec)
         return RunOutcome(resolved.run_id, folder, "skipped")
+    if is_damaged(folder):
+        reporter.message(f"{resolved.run_id}: its classwise.parquet cannot be read; evaluating it again from "
+                         f"its checkpoints")
+        resume = True
     with RunLock(folder, "training", say=reporter.message).hold(wait) as lock:
         if is_finished(folder):
             reporter.message(f"{resolved.run_id}: finished by another process, skipped")

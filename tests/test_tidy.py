@@ -1,9 +1,12 @@
 """After a crash: stale temporaries removed, checkpoints pruned, a finished run's leftover chunk records
-cleared (a killed `fairbench eval`'s kept); checkpoint messages that name the file and the right advice."""
+cleared (a killed `fairbench eval`'s kept), a damaged result file detected and evaluated again; checkpoint
+messages that name the file and the right advice."""
 from __future__ import annotations
 
+import json
 import shutil
 
+import pandas as pd
 import pytest
 import torch
 
@@ -74,3 +77,16 @@ def test_a_corrupt_checkpoint_in_eval_is_never_advised_for_deletion(tmp_path, ca
     text = " ".join(err.split())
     assert code == 2 and "corrupted or unreadable" in text and "Restore it from a copy" in text
     assert "Delete" not in text and "Traceback" not in err
+
+
+def test_a_damaged_result_file_is_reported_and_evaluated_again(tmp_path, capsys):
+    folder = run_one(SPEC, tmp_path).folder
+    good = pd.read_parquet(folder / "classwise.parquet")
+    data = (folder / "classwise.parquet").read_bytes()
+    (folder / "classwise.parquet").write_bytes(data[: len(data) // 2])  # a truncated copy
+    code, text, _ = run_cli(["status", "--results", str(tmp_path), "--format", "json"], capsys)
+    (state,) = json.loads(text)
+    assert state["state"] == "damaged" and "cannot be read" in state["detail"]
+    outcome = run_one(SPEC, tmp_path)  # not "finished earlier": evaluated again from the kept checkpoints
+    assert outcome.status == "done"
+    pd.testing.assert_frame_equal(pd.read_parquet(folder / "classwise.parquet"), good)

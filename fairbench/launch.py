@@ -8,7 +8,9 @@ one run folder. A task whose dependency (a hot start's base) has not finished is
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -115,12 +117,18 @@ class Slot:
     threads: int
     task: Task | None = None
     process: subprocess.Popen | None = None
+    """A `python -m fairbench.worker --serve` process, kept for the next run while it stays healthy."""
+    status_fd: int = -1
+    """Read end of the pipe on which the worker reports 'INDEX STATUS' after each run."""
+    pending: bytes = b""
     started: float = 0.0
 
 
 class LocalPool:
-    """A process pool on this machine: one `python -m fairbench.worker` process per run, each with its
-    share of the cores as intra-op threads and, with `gpus`, one GPU through CUDA_VISIBLE_DEVICES.
+    """A process pool on this machine: one `python -m fairbench.worker --serve` process per slot, running
+    one run after another (Python, torch and the data load once per worker), each with its share of the
+    cores as intra-op threads and, with `gpus`, one GPU through CUDA_VISIBLE_DEVICES. A worker that crashed
+    or was killed is replaced by a fresh one.
 
     A crashed run is retried up to `max_retries` times from its last checkpoint; a run held by another
     process (a second launcher on the same grid) is left to it and counted when it finishes; Ctrl-C stops
@@ -160,6 +168,7 @@ class LocalPool:
                 if live:
                     live.update(self._table())
                 time.sleep(self.poll_s)
+            self._close_all()
         except KeyboardInterrupt:
             self.summary.interrupted = True
             self._stop_all()
@@ -201,31 +210,70 @@ class LocalPool:
             return task
         return None
 
-    def _start(self, slot: Slot, task: Task) -> None:
+    def _spawn(self, slot: Slot) -> None:
         env = dict(os.environ, OMP_NUM_THREADS=str(slot.threads), MKL_NUM_THREADS=str(slot.threads),
                    **{THREADS_ENV: str(slot.threads)})
         if slot.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = slot.gpu
+        read_fd, write_fd = os.pipe()
+        early = Path(self.plan.out) / LOGS / f"worker-{slot.number}.log"  # anything before its first run
+        early.parent.mkdir(parents=True, exist_ok=True)
+        with open(early, "a") as fh:
+            slot.process = subprocess.Popen(
+                [sys.executable, "-m", "fairbench.worker", str(self.plan_path), "--serve", str(write_fd),
+                 "--no-wait"], stdin=subprocess.PIPE, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True, pass_fds=(write_fd,), text=True)
+        os.close(write_fd)
+        slot.status_fd, slot.pending = read_fd, b""
+
+    def _start(self, slot: Slot, task: Task) -> None:
+        if slot.process is None or slot.process.poll() is not None:
+            self._spawn(slot)
         log = log_path(self.plan.out, task)
         log.parent.mkdir(parents=True, exist_ok=True)
         self.attempts[task.run_id] += 1
         with open(log, "a") as fh:
             fh.write(f"--- attempt {self.attempts[task.run_id]} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            fh.flush()
-            slot.process = subprocess.Popen(
-                [sys.executable, "-m", "fairbench.worker", str(self.plan_path), str(task.index), "--no-wait"],
-                stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        slot.process.stdin.write(f"{task.index} {log}\n")
+        slot.process.stdin.flush()
         slot.task, slot.started = task, time.time()
         self.state[task.run_id] = "running"
         self.say(f"{task.run_id}: started (worker {slot.number}"
                  + (f", GPU {slot.gpu}" if slot.gpu is not None else "") + f", pid {slot.process.pid})")
 
+    def _outcome(self, slot: Slot) -> int | None:
+        """The status of the slot's current run: reported by its worker, or how the worker died; None while
+        it runs."""
+        ready, _, _ = select.select([slot.status_fd], [], [], 0)
+        if ready:
+            slot.pending += os.read(slot.status_fd, 4096)
+        if b"\n" in slot.pending:
+            line, _, slot.pending = slot.pending.partition(b"\n")
+            return int(line.split()[1])
+        if slot.process.poll() is not None:  # it died without a report: killed, or a crash
+            code = slot.process.returncode
+            self._retire(slot)
+            return code
+        return None
+
+    def _retire(self, slot: Slot) -> None:
+        """Forget a worker that has ended."""
+        if slot.status_fd >= 0:
+            os.close(slot.status_fd)
+        slot.process, slot.status_fd, slot.pending = None, -1, b""
+
     def _reap(self, queue: list[Task]) -> None:
         for slot in self.slots:
-            if slot.process is None or slot.process.poll() is None:
+            if slot.task is None or slot.process is None:
                 continue
-            task, code = slot.task, slot.process.returncode
-            slot.task, slot.process = None, None
+            code = self._outcome(slot)
+            if code is None:
+                continue
+            task = slot.task
+            slot.task = None
+            if code not in (0, 2, EXIT_LOCKED) and slot.process is not None:
+                slot.process.wait()  # a crash or an interrupt ends the worker: a fresh one takes the next run
+                self._retire(slot)
             if code == 0:
                 status = _last_status(log_path(self.plan.out, task))
                 self._finish(task, status, f"{status} in {time.time() - slot.started:.0f} s")
@@ -271,8 +319,25 @@ class LocalPool:
             except subprocess.TimeoutExpired:
                 _signal_group(slot.process, signal.SIGKILL)
                 slot.process.wait()
-            self.state[slot.task.run_id] = "interrupted"
-            slot.task, slot.process = None, None
+            if slot.task is not None:
+                self.state[slot.task.run_id] = "interrupted"
+            self._retire(slot)
+            slot.task = None
+
+    def _close_all(self) -> None:
+        """End of the plan: idle workers read the end of their input and exit."""
+        for slot in (s for s in self.slots if s.process is not None):
+            with contextlib.suppress(OSError):
+                slot.process.stdin.close()
+            try:
+                slot.process.wait(30)
+            except subprocess.TimeoutExpired:
+                _signal_group(slot.process, signal.SIGKILL)
+                slot.process.wait()
+            self._retire(slot)
+        for early in (Path(self.plan.out) / LOGS).glob("worker-*.log"):
+            if early.stat().st_size == 0:
+                early.unlink()
 
     # -- display ---------------------------------------------------------------------------------------
     def say(self, text: str) -> None:

@@ -7,8 +7,9 @@ folder (`failed.json`: the error and the last lines of the traceback) for `fairb
 success removes it.
 
     python -m fairbench.worker PLAN.json INDEX [--no-wait]
+    python -m fairbench.worker PLAN.json --serve STATUS_FD [--no-wait]   # many entries, from stdin (the pool)
 
-exits 0 (done or skipped), 75 (`--no-wait` and another live process holds the run), 2 (a user error,
+exits (or reports, serving) 0 (done or skipped), 75 (`--no-wait` and another live process holds the run), 2 (a user error,
 with its message), 130 (interrupted) or 1 (a crash, recorded in failed.json).
 """
 from __future__ import annotations
@@ -154,21 +155,13 @@ def record_failure(folder: Path, err: BaseException | str, log_tail: list[str] |
         pass  # the folder may be what failed (a full disk); the launcher reports the error anyway
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_index(plan: Plan, index: int, wait: bool) -> int:
+    """Entry `index` of `plan` with its output on stdout/stderr; returns the exit status (see the module
+    docstring). A crash propagates: the process that had it is not reused."""
     from fairbench.progress import RichReporter
-    from fairbench.registry import import_plugins
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    wait = "--no-wait" not in args
-    args = [a for a in args if a != "--no-wait"]
-    if len(args) != 2 or not args[1].isdigit():
-        print("usage: python -m fairbench.worker PLAN.json INDEX [--no-wait]", file=sys.stderr)
-        return 2
-    set_threads()
     try:
-        plan = Plan.load(Path(args[0]))
-        import_plugins(list(plan.plugins))
-        task = plan.task(int(args[1]))
+        task = plan.task(index)
         gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
         print(f"worker {socket.gethostname()}:{os.getpid()} task {task.index} {task.run_id} "
               f"threads={os.environ.get(THREADS_ENV, 'default')} CUDA_VISIBLE_DEVICES={gpu}", file=sys.stderr,
@@ -178,14 +171,54 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"run_id": task.run_id, "status": status}), flush=True)
         return 0
     except RunLockedError as err:
-        print(str(err), file=sys.stderr)
+        print(str(err), file=sys.stderr, flush=True)
         return EXIT_LOCKED
     except KeyboardInterrupt:
-        print("interrupted: finished epochs are checkpointed; the run resumes when started again", file=sys.stderr)
+        print("interrupted: finished epochs are checkpointed; the run resumes when started again", file=sys.stderr,
+              flush=True)
         return 130
+    except FairbenchError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+def serve(plan: Plan, status_fd: int, wait: bool) -> int:
+    """Run the entries whose numbers arrive on stdin, one per line, each with its output appended to the log
+    file named on the same line ('INDEX LOG'); after each, write 'INDEX STATUS' to `status_fd`. One process
+    serves many runs, so Python, torch and the dataset are loaded once per worker, not once per run. A crash or
+    an interrupt ends the process (its launcher starts a fresh one)."""
+    for line in sys.stdin:
+        index, _, log = line.strip().partition(" ")
+        with open(log, "a") as fh:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(fh.fileno(), 1)
+            os.dup2(fh.fileno(), 2)
+        code = run_index(plan, int(index), wait)
+        sys.stdout.flush(), sys.stderr.flush()
+        os.write(status_fd, f"{index} {code}\n".encode())
+        if code == 130:
+            return code
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fairbench.registry import import_plugins
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    wait = "--no-wait" not in args
+    args = [a for a in args if a != "--no-wait"]
+    serving = len(args) == 3 and args[1] == "--serve" and args[2].isdigit()
+    if not serving and (len(args) != 2 or not args[1].isdigit()):
+        print("usage: python -m fairbench.worker PLAN.json (INDEX | --serve STATUS_FD) [--no-wait]", file=sys.stderr)
+        return 2
+    set_threads()
+    try:
+        plan = Plan.load(Path(args[0]))
+        import_plugins(list(plan.plugins))
     except FairbenchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    return serve(plan, int(args[2]), wait) if serving else run_index(plan, int(args[1]), wait)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -73,6 +74,7 @@ def test_local_pool_gives_the_sequential_results(tmp_path, capsys):
     assert code == 0, err
     out = finish(fairbench("run", *GRID, "--out", str(tmp_path / "pool"), "--workers", "2"))
     assert "local pool: 2 worker(s), 1 thread(s) each" in out
+    assert len(set(re.findall(r"started \(worker \d, pid (\d+)\)", out))) == 2  # 6 runs, 2 processes reused
     same_results(tmp_path / "seq", tmp_path / "pool")
     assert len(runs(tmp_path / "pool")) == 6  # trades, frl, dafa x 2 seeds: FRL's base is the grid's TRADES run
     for frl in (r for r in runs(tmp_path / "pool") if r.startswith("frl")):

@@ -274,9 +274,8 @@ def merge_results(folder: Path, samples: pd.DataFrame, resolved: ResolvedRun, cl
     `suite_names` maps an attack to the suite name its records carry (eps sweeps); default: the attack's name.
     """
     names = suite_names or {}
-    old_cw = pd.read_parquet(folder / "classwise.parquet")
     merged = merge_samples(pd.read_parquet(folder / "samples.parquet"), samples)
-    eps_of = {**dict(zip(old_cw["attack"], old_cw["eps"])),
+    eps_of = {**{name: float(s["eps"]) for name, s in meta.get("attacks", {}).items() if "eps" in s},
               **{names.get(a, a): e for a, e in suite_eps(attacks, eps).items()}}
     classwise = classwise_table(merged, resolved, class_names, eps_of)
     meta = dict(meta)

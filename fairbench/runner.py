@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import platform
 import shutil
 import time
@@ -47,14 +48,18 @@ def run_one(spec: RunSpec, out: Path, resume: bool = False, reporter: Reporter |
         reporter.message(f"{resolved.run_id}: finished earlier, skipped")
         tidy_finished(folder, resolved.spec)
         return RunOutcome(resolved.run_id, folder, "skipped")
-    if is_damaged(folder):
-        reporter.message(f"{resolved.run_id}: its classwise.parquet cannot be read; evaluating it again from "
-                         f"its checkpoints")
-        resume = True
     with RunLock(folder, "training", say=reporter.message).hold(wait) as lock:
         if is_finished(folder):
             reporter.message(f"{resolved.run_id}: finished by another process, skipped")
             return RunOutcome(resolved.run_id, folder, "skipped")
+        if is_damaged(folder):
+            if rebuild_classwise(folder, resolved):
+                reporter.message(f"{resolved.run_id}: classwise.parquet could not be read; rebuilt it from the "
+                                 f"run's per-sample records")
+                return RunOutcome(resolved.run_id, folder, "done")
+            reporter.message(f"{resolved.run_id}: classwise.parquet and the per-sample records could not be "
+                             f"read; evaluating the run again from its checkpoints")
+            resume = True
         return _train_and_evaluate(spec, resolved, folder, resume, reporter, keep_last, after_batch, lock)
 
 
@@ -102,6 +107,20 @@ def _train_and_evaluate(spec: RunSpec, resolved: ResolvedRun, folder: Path, resu
     shutil.rmtree(folder / PARTIAL, ignore_errors=True)
     reporter.message(f"{resolved.run_id}: wrote {folder / 'classwise.parquet'}")
     return RunOutcome(resolved.run_id, folder, "done")
+
+
+def rebuild_classwise(folder: Path, resolved: ResolvedRun) -> bool:
+    """Write a damaged per-class table again from the intact per-sample records and run.json (every suite,
+    also those `fairbench eval` added); False when those cannot be read either."""
+    try:
+        samples = pd.read_parquet(folder / "samples.parquet")
+        meta = json.loads((folder / "run.json").read_text())
+        eps_of = {"clean": 0.0, **{name: float(s["eps"]) for name, s in meta["attacks"].items()}}
+    except Exception:  # noqa: BLE001 - anything unreadable means: evaluate again from the checkpoints
+        return False
+    names = load_dataset(resolved.spec.dataset, resolved.spec.data_dir).class_names
+    write_parquet(folder / "classwise.parquet", classwise_table(samples, resolved, names, eps_of), meta)
+    return True
 
 
 def tidy_finished(folder: Path, spec: RunSpec) -> None:

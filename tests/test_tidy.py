@@ -84,9 +84,22 @@ def test_a_damaged_result_file_is_reported_and_evaluated_again(tmp_path, capsys)
     good = pd.read_parquet(folder / "classwise.parquet")
     data = (folder / "classwise.parquet").read_bytes()
     (folder / "classwise.parquet").write_bytes(data[: len(data) // 2])  # a truncated copy
+    (folder / "samples.parquet").write_bytes(b"")  # and the records too: only the checkpoints are left
     code, text, _ = run_cli(["status", "--results", str(tmp_path), "--format", "json"], capsys)
     (state,) = json.loads(text)
     assert state["state"] == "damaged" and "cannot be read" in state["detail"]
     outcome = run_one(SPEC, tmp_path)  # not "finished earlier": evaluated again from the kept checkpoints
     assert outcome.status == "done"
     pd.testing.assert_frame_equal(pd.read_parquet(folder / "classwise.parquet"), good)
+
+
+def test_a_damaged_result_file_is_rebuilt_from_intact_records_keeping_every_suite(tmp_path, capsys):
+    folder = run_one(SPEC, tmp_path).folder
+    assert run_cli(["eval", str(folder), "--attack", "cw20", "--checkpoints", "final", "--n-examples", "20"],
+                   capsys)[0] == 0
+    good = pd.read_parquet(folder / "classwise.parquet")
+    (folder / "classwise.parquet").write_bytes(b"PAR1 damaged")
+    assert run_one(SPEC, tmp_path).status == "done"
+    rebuilt = pd.read_parquet(folder / "classwise.parquet")
+    assert set(rebuilt.attack) == {"clean", "pgd20", "cw20"}
+    pd.testing.assert_frame_equal(rebuilt, good)

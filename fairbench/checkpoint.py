@@ -93,7 +93,7 @@ def load_checkpoint(path: Path, run_id: str, config_hash: str, resuming: bool = 
                   else "Restore it from a copy, or evaluate the run's other epochs with --checkpoints; nothing "
                        "was changed.")
         raise CheckpointError(f"checkpoint {path} is corrupted or unreadable ({type(err).__name__}: "
-                              f"{_first_line(err)}). {advice}") from err
+                              f"{first_line(err)}). {advice}") from err
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} is not a fairbench v{FORMAT_VERSION} checkpoint")
     if state.get("run_id") != run_id or state.get("config_hash") != config_hash:
@@ -103,6 +103,7 @@ def load_checkpoint(path: Path, run_id: str, config_hash: str, resuming: bool = 
     return state
 
 
-def _first_line(err: Exception, limit: int = 200) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+def first_line(err: Exception, limit: int = 200) -> str:
+    """An error's first line, cut at `limit` (a state-dict mismatch lists kilobytes of keys)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return text if len(text) <= limit else text[:limit] + "..."

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from fairbench.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from fairbench.checkpoint import first_line, list_checkpoints, load_checkpoint, save_checkpoint
 from fairbench.data.base import Dataset
 from fairbench.data.loader import DeviceSplit, hold_out, stratified_subset, train_batches
 from fairbench.errors import FairbenchError, NonFiniteLossError
@@ -122,9 +122,8 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.method.load_state_dict(state["method"])
         except (KeyError, RuntimeError, ValueError) as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             raise FairbenchError(
-                f"{source} does not fit this run's model or method ({first}); it was written by another "
+                f"{source} does not fit this run's model or method ({first_line(err)}); it was written by another "
                 f"fairbench version or configuration: choose another --out folder, or remove the run folder to "
                 f"train it again") from err
         torch.set_rng_state(state["torch_rng"])

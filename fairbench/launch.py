@@ -314,11 +314,7 @@ class LocalPool:
             _signal_group(slot.process, signal.SIGINT)
         deadline = time.time() + 60
         for slot in running:
-            try:
-                slot.process.wait(max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                _signal_group(slot.process, signal.SIGKILL)
-                slot.process.wait()
+            _wait_or_kill(slot.process, deadline - time.time())
             if slot.task is not None:
                 self.state[slot.task.run_id] = "interrupted"
             self._retire(slot)
@@ -329,11 +325,7 @@ class LocalPool:
         for slot in (s for s in self.slots if s.process is not None):
             with contextlib.suppress(OSError):
                 slot.process.stdin.close()
-            try:
-                slot.process.wait(30)
-            except subprocess.TimeoutExpired:
-                _signal_group(slot.process, signal.SIGKILL)
-                slot.process.wait()
+            _wait_or_kill(slot.process, 30)
             self._retire(slot)
         for early in (Path(self.plan.out) / LOGS).glob("worker-*.log"):
             if early.stat().st_size == 0:
@@ -364,6 +356,15 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
         os.killpg(process.pid, sig)
     except ProcessLookupError:
         pass
+
+
+def _wait_or_kill(process: subprocess.Popen, seconds: float) -> None:
+    """Give a worker `seconds` to end, then kill its process group (atomic writes keep its files)."""
+    try:
+        process.wait(max(0.1, seconds))
+    except subprocess.TimeoutExpired:
+        _signal_group(process, signal.SIGKILL)
+        process.wait()
 
 
 def _describe_exit(code: int) -> str:

@@ -111,10 +111,13 @@ def sbatch_script(plan: Plan, command: str, resources: SlurmResources) -> str:
 class SlurmTask:
     """The callable a Slurm job runs: one plan entry. Only the plan's path and the entry number are
     pickled; a preempted or timed-out job resubmits this same small object and the run resumes from disk.
-    A Python error is retried here from the last checkpoint up to `retries` times."""
+    A Python error is retried here from the last checkpoint up to `retries` times, except once Slurm has
+    signalled the end of the job: submitit's requeue runs inside the training loop (a signal handler), and an
+    error there (no requeue left, `scontrol requeue` failed) must end the job, not train on."""
 
     def __init__(self, plan_path: str, index: int, retries: int = 1):
         self.plan_path, self.index, self.retries = str(plan_path), int(index), int(retries)
+        self.ending = False
 
     def __call__(self) -> str:
         from fairbench.progress import RichReporter
@@ -133,14 +136,17 @@ class SlurmTask:
             except FairbenchError:
                 raise  # the user's input: a retry would fail the same way
             except Exception as err:  # noqa: BLE001 - a crash: retried from the last checkpoint
-                if attempt == self.retries:
+                if attempt == self.retries or self.ending:
                     raise
                 print(f"{task.run_id}: {type(err).__name__}: {err}; retrying from the last checkpoint", flush=True)
         raise AssertionError("unreachable")
 
     def checkpoint(self, *args, **kwargs):
+        """Called by submitit in its handler of Slurm's end-of-job signal: the job resubmits a fresh copy
+        of itself (the run resumes from its last checkpoint) and this one stops."""
         import submitit
 
+        self.ending = True
         return submitit.helpers.DelayedSubmission(SlurmTask(self.plan_path, self.index, self.retries))
 
 

@@ -27,6 +27,10 @@ Differences from the official code (documented deviations):
 - One clean train-mode forward serves CE and the KL target (the code runs it twice, updating BatchNorm's running
   statistics once more); the plain EMA the code logs is kept only with `averaging="ema"`, which then
   replaces FAWA.
+- After the optimiser step the code's training loop forwards the clean batch once more in train mode, to log
+  clean training accuracy; that forward updates BatchNorm's running statistics again (which the eval-mode attacks
+  of later batches and the evaluation use). fairbench leaves it out under either protocol, as it leaves out the
+  duplicate clean forward.
 - The validation split is 2% of each class (100 of 5000 on CIFAR-10, as the code); the code's CIFAR-100 split
   (25 of 500 per class) would be 5%. On small runs the split comes from the `train_per_class` subset.
 """
@@ -142,8 +146,8 @@ def calibrated_trades_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor
                            ) -> tuple[Tensor, Tensor, Tensor]:
     """CFA's TRADES: (1/B) sum_i (1 - b_i) CE(f(x_i), y_i) + b_i KL(p(x_i) || p(x_adv_i)), in train mode.
 
-    Two forwards (clean first), the clean softmax not detached, as `trades_loss`. Returns (loss, clean
-    logits, adversarial logits). With b_i = beta/(1+beta) this is TRADES / (1 + beta).
+    Two forwards (clean first, the code's order), the clean softmax not detached, as `trades_loss`. Returns
+    (loss, clean logits, adversarial logits). With b_i = beta/(1+beta) this is TRADES / (1 + beta).
     """
     logits = model(x).float()
     logits_adv = model(x_adv).float()

@@ -4,16 +4,20 @@ Paper: "Theoretically Principled Trade-off between Robustness and Accuracy".
 Official code: github.com/yaodongyu/TRADES (trades.py). Baseline protocol as in rucy74/DAFA and
 Fairness-a11y/TRIX (scripts/trades.sh). No per-class state. DAFA and TRIX reuse this class through two
 hooks: `sample_scale` (per-sample class weight) and `adversary_targets` (targeted subset).
+
+The loss forwards the adversarial batch before the clean one in train mode, as the DAFA and TRIX code (their
+TRADES baseline included) does, so BatchNorm's running statistics match theirs; the TRADES code forwards
+clean, adversarial, clean. `forward_order="clean_first"` gives the order fairbench used before.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from torch import Tensor
 import torch.nn as nn
+from torch import Tensor
 
-from fairbench.attacks.training import clean_logits, inner_attack, per_sample, start_point, trades_loss
+from fairbench.attacks.training import ForwardOrder, clean_logits, inner_attack, per_sample, start_point, trades_loss
 from fairbench.method import Batch, FairAT, RunContext, StepOut
 from fairbench.registry import register_method
 
@@ -30,6 +34,10 @@ class TradesConfig:
     """Inner attack steps K."""
     init: Literal["normal", "uniform"] = "normal"
     """Attack start: x + 0.001 N(0,1), unclamped (official) or uniform in the ball."""
+    forward_order: ForwardOrder = "adversarial_first"
+    """Train-mode forwards of the loss: adversarial batch first (the DAFA/TRIX code, TRADES baseline included)
+    or clean first (fairbench before this option). The step's loss and gradients do not depend on it, BatchNorm's
+    running statistics (used by the eval-mode attacks of later batches and by evaluation) do."""
 
 
 @register_method("trades")
@@ -65,7 +73,8 @@ class Trades(FairAT):
             model, batch.x, logits_clean, eps=eps, alpha=cfg.alpha if radius is None else cfg.alpha * radius,
             steps=cfg.steps, generator=ctx.generator, targets=targets, targeted=targeted, start=start,
         )
-        loss, _, logits_adv = trades_loss(model, batch.x, x_adv, batch.y, cfg.beta, self.loss_scale(scale))
+        loss, _, logits_adv = trades_loss(model, batch.x, x_adv, batch.y, cfg.beta, self.loss_scale(scale),
+                                          order=cfg.forward_order)
         self.after_loss(batch, logits_adv, ctx)
         log = {} if targeted is None else {"targeted": targeted.float().mean()}
         return StepOut(loss=loss, log=log)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 Init = Literal["normal", "uniform"]
+ForwardOrder = Literal["adversarial_first", "clean_first"]
 
 
 @contextmanager
@@ -179,6 +180,22 @@ def early_stopped_search(
     return StoppedPoints(last_clean.detach(), x_k.detach(), last_clean_step, first_adv_step)
 
 
+def train_forwards(model: nn.Module, x: Tensor, x_adv: Tensor, order: ForwardOrder) -> tuple[Tensor, Tensor]:
+    """(clean, adversarial) train-mode logits in fp32 from two separate forwards, run in `order`.
+
+    Each forward normalises with its own batch statistics, so the logits, the loss and its gradients do not
+    depend on the order (without dropout); BatchNorm's running statistics do, as every train-mode forward
+    updates them.
+    The DAFA and TRIX code (and their TRADES baseline) forward the adversarial batch first; the CFA, FRL and
+    WAT code the clean batch.
+    """
+    if order == "adversarial_first":
+        logits_adv = model(x_adv).float()
+        return model(x).float(), logits_adv
+    logits = model(x).float()
+    return logits, model(x_adv).float()
+
+
 def trades_loss(
     model: nn.Module,
     x: Tensor,
@@ -186,14 +203,15 @@ def trades_loss(
     y: Tensor,
     beta: float,
     ce_weights: Tensor | None = None,
+    order: ForwardOrder = "clean_first",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(1/B) sum_i w_i CE(f(x_i), y_i) + beta (1/B) sum_i KL(p(x_i) || p(x_adv_i)), in train mode.
 
-    Two separate forwards (clean first), so each gets its own BatchNorm batch statistics; the clean
-    softmax is not detached. Returns (loss, clean logits, adversarial logits).
+    Two separate forwards (`train_forwards`), so each gets its own BatchNorm batch statistics; the clean
+    softmax is not detached. `order` defaults to clean first, the order this function always had, so
+    callers that do not pass it (plugins) keep their results. Returns (loss, clean logits, adversarial logits).
     """
-    logits = model(x).float()
-    logits_adv = model(x_adv).float()
+    logits, logits_adv = train_forwards(model, x, x_adv, order)
     ce = F.cross_entropy(logits, y, reduction="none")
     if ce_weights is not None:
         ce = ce * ce_weights

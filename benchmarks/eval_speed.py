@@ -8,9 +8,9 @@ ones answered from memory, a search model with BatchNorm folded and channels_las
 unmodified model in strict fp32), and on a CPU one single-threaded shard of the images per core, with freed
 memory kept in the process (the reference runs under the same allocator setting). Prints images/s of
 each, the ratio, how many per-sample robust flags agree and the model passes per image (F forwards, B of
-them with an input gradient; evaluation.md 13.1), then the time of `pgd20`. `--reference-rng` adds fairbench in the
+them with an input gradient; docs/evaluation.md §13), then the time of `pgd20`. `--reference-rng` adds fairbench in the
 reference's draw order on the unmodified model (flags identical by construction); `--bf16` adds a bf16
-search (opt-in, evaluation.md 12.2).
+search (opt-in, docs/evaluation.md §12).
 
     pip install --no-deps torchattacks==3.5.1   # reference only; scipy must be installed
     python benchmarks/eval_speed.py --n 200 --reference-rng --bf16
@@ -34,7 +34,8 @@ from fairbench.attacks.search import EXACT, SearchModel, SearchSettings
 from fairbench.data import load_dataset
 from fairbench.data.loader import DeviceSplit, stratified_subset
 from fairbench.engine import SilentReporter, Trainer, select_device
-from fairbench.evaluate import evaluate_split, robust_flags
+from fairbench.evaluation import evaluate_split
+from fairbench.records import robust_flags
 from fairbench.spec import RunSpec, resolve
 
 
@@ -139,7 +140,7 @@ def main() -> None:
         print(f"{label:44s} {seconds:8.1f} s  {n / seconds:8.2f} images/s  robust {robust.float().mean():.4f}  "
               f"speed ratio {ref_time / seconds:.2f}x  flags agree {int((ref_robust == robust).sum())}/{n}  "
               f"{passes(counts, n)}")
-    print("(evaluation.md 13.1, reference: a sample robust to all costs ~7860 F and ~1910 B; one broken by "
+    print("(docs/evaluation.md §13, reference: a sample robust to all costs ~7860 F and ~1910 B; one broken by "
           "APGD-CE ~104 F, ~101 B)")
     t0 = time.perf_counter()
     samples = evaluate_split(model, split, ["pgd20"], args.eps, len(split), seed=0)

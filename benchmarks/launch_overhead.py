@@ -5,7 +5,7 @@ the per-run scheduling overhead of the local pool, Slurm and Ray on runs that ta
     python benchmarks/launch_overhead.py [--epochs 8] [--slurm] [--ray]
 
 Time it alone: another CPU-heavy process on the machine changes every number. `--slurm` needs a running
-cluster (`.ci/slurm.sh up`, then `source /tmp/fairbench-slurm/env.sh`), `--ray` needs `fairbench[ray]`.
+cluster (`.ci/slurm.sh up`, then `source /tmp/fairbench-slurm/env.sh`), `--ray` needs `fairbench-at[ray]`.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def main() -> None:
         one = {"OMP_NUM_THREADS": "1", "FAIRBENCH_THREADS": "1"}
         side1 = timed(fairbench(grid(root / "side3", "trades,dafa", "1,", args.epochs, None) + ["--threads", "1"], one),
                       fairbench(grid(root / "side4", "trades,dafa", "2,", args.epochs, None) + ["--threads", "1"], one))
-        print(f"| way | wall | vs sequential |\n| --- | --- | --- |")
+        print("| way | wall | vs sequential |\n| --- | --- | --- |")
         print(f"| sequential, one process ({cores} threads) | {seq:.1f} s | 1.00x |")
         print(f"| --workers 2 (1 thread each) | {pool:.1f} s | {seq / pool:.2f}x |")
         print(f"| two plain processes side by side, default threads | {side:.1f} s | {seq / side:.2f}x |")

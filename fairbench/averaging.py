@@ -1,8 +1,11 @@
 """Weight averaging of CFA (FAWA) and FAIR-TAT: an exponential average of a model's whole state dict.
 
+A method keeps a `ModelAverager` (`make_averager` in `setup`), calls `average_after_epoch` in `on_epoch_end`
+and returns `averager.eval_model(model)` from `eval_model`.
+
 CFA's `utils.weight_average` averages every entry of the state dict, BatchNorm running statistics
 included (they are averaged, not recomputed): ``avg <- d * avg + (1 - d) * current``, the first update
-being a plain copy. FAWA (fairness-aware weight averaging, cfa.md 2.5) only absorbs the epochs whose
+being a plain copy. FAWA (fairness-aware weight averaging, docs/methods/cfa.md §2.5) only absorbs the epochs whose
 worst-class PGD-10 accuracy on the validation split reaches a threshold; the plain EMA absorbs every
 epoch. The averaged weights live on the model's device and are part of the method's `state_dict`, so a
 resumed run and the evaluation of the last checkpoints see the same averaged model.
@@ -16,6 +19,7 @@ import copy
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -121,3 +125,24 @@ def worst_class_robust_accuracy(ctx: "RunContext", model: nn.Module, eps: float,
         raise ValueError("weight averaging needs the validation split; it is empty "
                          "(train on more samples per class)")
     return float(ctx.classwise_accuracy(model, ctx.val_split, PGD(eps, steps=steps, alpha=alpha)).min())
+
+
+def make_averager(config: Any, owner: str, ctx: "RunContext") -> ModelAverager:
+    """The FAWA/EMA keeper of a config with `averaging`, `decay` and `threshold` (CFA, FAIR-TAT); checks that
+    FAWA has a usable validation split."""
+    if config.averaging == "fawa":
+        if ctx.val_split is None or len(ctx.val_split) == 0:
+            raise ValueError(f"{owner}: FAWA needs a validation split, but it is empty; train on more samples "
+                             "per class (2% of each class is held out) or pass --set averaging=off")
+        present = torch.bincount(ctx.val_split.labels, minlength=ctx.num_classes)
+        if bool((present == 0).any()):
+            warnings.warn(f"{owner}: the validation split misses some classes, so their accuracy is 0 and FAWA "
+                          "can start only with threshold <= 0")
+    return ModelAverager(config.averaging, config.decay, config.threshold, owner)
+
+
+def average_after_epoch(averager: ModelAverager, config: Any, model: nn.Module, ctx: "RunContext") -> None:
+    """FAWA / EMA step on the trained `model`, scored on the validation split (PGD with the config's `val_eps`,
+    `val_alpha`, `val_steps`) only when FAWA needs it."""
+    averager.after_epoch(model, lambda: worst_class_robust_accuracy(
+        ctx, model, config.val_eps, config.val_alpha, config.val_steps))

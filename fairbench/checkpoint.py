@@ -1,15 +1,14 @@
 """Checkpoints: written atomically after every epoch, validated on load, the last k kept."""
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fairbench.errors import CheckpointError
+from fairbench.errors import CheckpointError, first_line
+from fairbench.files import atomic_write
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^epoch_(\d{4,})\.pt$")
@@ -31,33 +30,6 @@ def list_checkpoints(folder: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-FILE_MODE = 0o666 & ~_umask()
-"""The mode of an ordinary new file (mkstemp's temporaries are 0600: a shared results folder would be
-unreadable by the rest of a lab)."""
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Write through `write(file_path)` to a temporary sibling, fsync, then rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, FILE_MODE)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(folder: Path, epoch: int, state: dict[str, Any], keep_last: int) -> Path:
     path = checkpoint_path(folder, epoch)
     atomic_write(path, lambda tmp: torch.save({"format_version": FORMAT_VERSION, "epoch": epoch, **state}, tmp))
@@ -72,15 +44,6 @@ def prune_checkpoints(folder: Path, keep_last: int) -> None:
     for old_epoch, old in found.items():
         if old_epoch <= newest - keep_last:
             old.unlink(missing_ok=True)
-
-
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete the temporaries of writes a kill interrupted (`.NAME.*.tmp`) in `folder` and its checkpoints;
-    call only while holding the run's lock (nobody else writes there then)."""
-    stale = [p for d in (folder, folder / "checkpoints") if d.is_dir() for p in d.glob(".*.tmp") if p.is_file()]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
 
 
 def load_checkpoint(path: Path, run_id: str, config_hash: str, resuming: bool = True) -> dict[str, Any]:
@@ -101,9 +64,3 @@ def load_checkpoint(path: Path, run_id: str, config_hash: str, resuming: bool = 
             f"checkpoint {path} belongs to run {state.get('run_id')} (config {state.get('config_hash')}), "
             f"not to {run_id} (config {config_hash}); use another --out folder or remove it")
     return state
-
-
-def first_line(err: Exception, limit: int = 200) -> str:
-    """An error's first line, cut at `limit` (a state-dict mismatch lists kilobytes of keys)."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return text if len(text) <= limit else text[:limit] + "..."

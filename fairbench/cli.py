@@ -1,49 +1,29 @@
 """The `fairbench` command line: run, table, methods, datasets, archs, attacks, download."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shlex
 import sys
+import warnings
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import click
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from fairbench.config import ATTACK_PRECISION_HELP, ATTACK_PRECISIONS, field_docs, parse_number
-from fairbench.errors import FairbenchError
+from fairbench import DISTRIBUTION
+from fairbench.config import ATTACK_PRECISIONS, field_docs, parse_number
+from fairbench.errors import FairbenchError, UnknownNameError
+from fairbench.files import check_writable
+from fairbench.runspec import RunOption, from_command_line, run_option, run_options
 
 console = Console()
 err_console = Console(stderr=True)
-
-
-def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
-    out = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise FairbenchError(f"--set expects key=value (e.g. --set warmup=5 or --set trix.beta=6), got {item!r}")
-        out[key.strip()] = value.strip()
-    return out
-
-
-def _parse_seeds(text: str) -> list[int]:
-    """'5' -> seeds 1..5; '0,3,7' -> exactly those seeds."""
-    try:
-        if "," in text:
-            seeds = [int(s) for s in text.split(",") if s.strip()]
-            if not seeds or min(seeds) < 0:
-                raise FairbenchError(f"--seeds: seeds are integers >= 0 (1,3,7 or one seed as 2,), got {text!r}")
-            return seeds
-        count = int(text)
-    except ValueError as err:
-        raise FairbenchError(f"--seeds expects a count (5) or a list (1,3,7), got {text!r}") from err
-    if count < 1:
-        raise FairbenchError("--seeds must be at least 1")
-    return list(range(1, count + 1))
 
 
 def _load_plugins(plugins: tuple[str, ...]) -> None:
@@ -54,9 +34,15 @@ def _load_plugins(plugins: tuple[str, ...]) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.version_option(package_name="fairbench")
+@click.version_option(package_name=DISTRIBUTION)
 def cli() -> None:
     """fairbench: train fairness-aware adversarial training methods, evaluate them class-wise, compare them."""
+    warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """`warning: ...` on the terminal: a warning is for the user, its source line is not."""
+    return f"warning: {message}\n"
 
 
 def _options(*decorators):
@@ -68,39 +54,69 @@ def _options(*decorators):
     return apply
 
 
+PLUGINS_OPTION = click.option("--plugins", multiple=True, help="Import these modules first (unpackaged local "
+                              "methods); also $FAIRBENCH_PLUGINS, comma-separated.")
+"""Shared by every command that names methods (run, plan, eval, table, paper, methods, describe)."""
+
+
+class _Number(click.ParamType):
+    """A float as written: 0.031, 2e-3 or 8/255. Checked here and kept as text (what `plan --format commands`
+    repeats); `runspec.from_command_line` turns it into the number."""
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        try:
+            parse_number(str(value))
+        except FairbenchError as err:
+            self.fail(str(err), param, ctx)
+        return str(value)
+
+
+class _FieldOption(click.Option):
+    """A RunSpec field's option; where the field names a registry (datasets, schedules), the help ends with its
+    names, looked up only when the help is shown."""
+
+    def __init__(self, *args, names: Callable[[], Sequence[str]] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.names = names
+
+    def get_help_record(self, ctx: click.Context):
+        if self.names is None:
+            return super().get_help_record(ctx)
+        plain, self.help = self.help, f"{self.help} One of: {', '.join(self.names())}."
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.help = plain
+
+
+def _field_option(option: RunOption):
+    """The click option of one RunSpec field: flag, default, type and help (the field's docstring) from its
+    RunOption, so each run option is declared once, on the field (fairbench.runspec)."""
+    flag = f"{option.flag}/--no-{option.flag[2:]}" if option.kind is bool else option.flag
+    names = option.choices if callable(option.choices) else None
+    return click.option(flag, *filter(None, [option.short]), option.name, cls=_FieldOption, names=names,
+                        type=_click_type(option), default=option.default, multiple=option.multiple,
+                        metavar=option.metavar, show_default=option.default not in (None, ()), help=option.help)
+
+
+def _click_type(option: RunOption) -> click.ParamType | None:
+    """Fixed choices are checked by click; a field with its own parser (seeds, --set) or a list takes text."""
+    if option.choices and not callable(option.choices):
+        return click.Choice(option.choices)
+    if option.parse or option.axis or option.kind is bool:
+        return None
+    return {int: click.INT, float: _Number()}.get(option.kind)
+
+
 GRID_OPTIONS = _options(
-    click.option("--methods", "-m", default=None, help="Comma-separated method names (see `fairbench methods`)."),
     click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
-                 help="A grid config (benchmarks/paper/<table>.toml) instead of --methods/--dataset/--seeds/..."),
+                 help="A grid config (benchmarks/paper/<table>.toml). Grid options given with it (--methods, "
+                      "--epochs, --seeds, ...) override the config's values."),
     click.option("--scale", default=None, help="A named scale of the config, e.g. smoke (the same grid, tiny, on CPU)."),
-    click.option("--dataset", "-d", default="digits", show_default=True, help="See `fairbench datasets`."),
-    click.option("--seeds", default="1", show_default=True,
-                 help="A count (5 -> seeds 1..5) or a list (1,3,7; one chosen seed: 2,)."),
-    click.option("--arch", default=None, help="Model (see `fairbench archs`); default: the dataset's."),
-    click.option("--epochs", type=int, default=None, help="Default: the dataset's (150 for CIFAR/STL-10, 20 for digits)."),
-    click.option("--batch-size", type=int, default=None),
-    click.option("--lr", type=float, default=None, help="Default: the protocol's (0.1)."),
-    click.option("--schedule", default=None, help="bag_of_tricks (DAFA/TRIX, default), trades, madry, cosine, constant."),
-    click.option("--weight-decay", type=float, default=None, help="Default: the protocol's (5e-4)."),
-    click.option("--protocol", type=click.Choice(["common", "official"]), default="common", show_default=True,
-                 help="common: the TRADES protocol of DAFA/TRIX for every method; official: each method's own code."),
-    click.option("--init-from", default=None, help="Start from the weights of a checkpoint file or run folder."),
-    click.option("--hot-start-epochs", type=int, default=None,
-                 help="Epochs of the hot-start run a method asks for (FRL starts from TRADES)."),
-    click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-                 help="Method hyperparameter, e.g. --set warmup=5, --set trix.beta=6, --set eps=8/255."),
-    click.option("--attack", default="pgd20", show_default=True, help="Comma-separated evaluation attacks."),
-    click.option("--eps", "eval_eps", default="8/255", show_default=True, help="Evaluation L-inf radius."),
-    click.option("--eval-last", type=int, default=5, show_default=True, help="Evaluate the last k checkpoints."),
-    click.option("--attack-precision", type=click.Choice(ATTACK_PRECISIONS), default="auto", show_default=True,
-                 help=ATTACK_PRECISION_HELP),
-    click.option("--train-per-class", type=int, default=None, help="Train on the first N images of each class."),
-    click.option("--eval-per-class", type=int, default=None, help="Evaluate on the first N test images of each class."),
-    click.option("--data-dir", default=None, help="Dataset root (default $FAIRBENCH_DATA or ./data)."),
-    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N."),
-    click.option("--amp/--no-amp", default=None, help="bf16 autocast for training (default: on with CUDA)."),
+    *(_field_option(o) for o in run_options()),
     click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False)),
-    click.option("--plugins", multiple=True, help="Import these modules first (unpackaged local methods)."),
+    PLUGINS_OPTION,
 )
 """Which runs a grid holds (shared by `run` and `plan`)."""
 
@@ -148,6 +164,9 @@ LAUNCH_OPTIONS = _options(
 def run(index, resume, quiet, **opts) -> None:
     """Train every (method, seed) on DATASET, evaluate the last checkpoints, write per-class parquet."""
     plan = _grid_plan(opts)
+    if index is None:
+        _check_here(plan, opts, opts["device"])
+    check_writable(Path(opts["out"]), "--out")
     if index is not None:
         _run_index(plan, index, quiet, opts["threads"])
         return
@@ -227,9 +246,14 @@ def _grid_plan(opts: dict):
         from fairbench.grid import grid_name, grid_specs, load_config
 
         config = load_config(opts["config_path"])
-        specs = grid_specs(config, opts["scale"], data_dir=opts["data_dir"], device=opts["device"], amp=opts["amp"])
+        grid, given = _config_overrides(opts)
+        machine = {o.name: from_command_line(o, opts[o.name]) for o in run_options() if o.scope == "machine"}
+        specs = grid_specs(config, opts["scale"], grid, **machine)
         name = grid_name(config, opts["scale"])
-    elif not opts["methods"]:
+        if given:
+            err_console.print(f"{opts['config_path']}: {', '.join(given)} from the command line override the "
+                              f"config's values", highlight=False, soft_wrap=True)
+    elif not opts["method"]:
         raise FairbenchError("name the methods (--methods trades,dafa,trix) or a grid (--config benchmarks/paper/table1.toml)")
     else:
         if opts["scale"]:
@@ -238,6 +262,20 @@ def _grid_plan(opts: dict):
     if not specs:
         raise FairbenchError("the grid holds no runs (check its methods, datasets and seeds)")
     return train_plan(specs, Path(opts["out"]), _plugin_names(opts["plugins"]), name)
+
+
+def _config_overrides(opts: dict) -> tuple[dict, list[str]]:
+    """(grid keys, flags) of the grid options given on the command line beside --config: they replace the
+    config's values (after --scale), so `--config table1.toml --scale smoke --methods trix` is the smoke grid
+    with TRIX only. Defaults never override."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return {}, []
+    keyed = {o.name: o for o in run_options() if o.grid_key}
+    given = [p for p in ctx.command.params if p.name in keyed and ctx.get_parameter_source(p.name) in (
+        click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)]
+    grid = {keyed[p.name].grid_key: from_command_line(keyed[p.name], opts[p.name]) for p in given}
+    return grid, [p.opts[-1] if p.opts[-1].startswith("--") else p.opts[0] for p in given]
 
 
 def _plugin_names(plugins: tuple[str, ...]) -> tuple[str, ...]:
@@ -251,7 +289,8 @@ def _run_index(plan, index: int, quiet: bool, threads: int | None) -> None:
     from fairbench.worker import execute, intra_op_threads
 
     task = plan.task(index)
-    with RichReporter(err_console, quiet=quiet) as reporter, intra_op_threads(threads):
+    with _on_interrupt(plan, [task], add_resume=False), RichReporter(err_console, quiet=quiet) as reporter, \
+            intra_op_threads(threads):
         reporter.message(f"[{index}/{len(plan.tasks) - 1}] {task.label}: {task.run_id}")
         status = execute(task, plan.out, reporter, wait=True)
     if not quiet:
@@ -264,13 +303,14 @@ def _launch(plan, opts: dict, quiet: bool, resume: bool = True) -> None:
     from fairbench.progress import RichReporter
     from fairbench.worker import intra_op_threads
 
-    launcher = opts["launcher"] or ("local" if opts["workers"] or opts["gpus"] else "inline")
+    launcher = _launcher(opts)
     if opts["workers"] is not None and opts["workers"] < 1:
         raise FairbenchError(f"--workers must be at least 1, got {opts['workers']}")
     if opts["threads"] is not None and opts["threads"] < 1:
         raise FairbenchError(f"--threads must be at least 1, got {opts['threads']}")
     if launcher == "inline":
-        with RichReporter(err_console, quiet=quiet) as reporter, intra_op_threads(opts["threads"]):
+        with _on_interrupt(plan, plan.tasks, add_resume=not resume), \
+                RichReporter(err_console, quiet=quiet) as reporter, intra_op_threads(opts["threads"]):
             summary = run_inline(plan, reporter, err_console, resume)
     elif launcher == "local":
         summary = LocalPool(plan, plan.save(), workers=opts["workers"], gpus=parse_gpus(opts["gpus"]),
@@ -288,8 +328,95 @@ def _launch(plan, opts: dict, quiet: bool, resume: bool = True) -> None:
                           opts["max_retries"], err_console)
     if not quiet or summary.failed:
         summary.report(err_console, plan.out)
+    if summary.interrupted and launcher == "local":  # the report above said "interrupted" unless quiet
+        note = _interrupted_note(plan, plan.tasks, add_resume=False)
+        err_console.print(note if quiet else note.removeprefix("interrupted.\n"), highlight=False, soft_wrap=True)
     if summary.exit_code:
         sys.exit(summary.exit_code)
+
+
+@contextlib.contextmanager
+def _on_interrupt(plan, tasks: list, add_resume: bool):
+    """Ctrl-C in this process: instead of a bare `aborted`, which epochs are checkpointed and the exact
+    command that continues (exit status 130)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        err_console.print(_interrupted_note(plan, tasks, add_resume), highlight=False, soft_wrap=True)
+        sys.exit(130)
+
+
+def _interrupted_note(plan, tasks: list, add_resume: bool) -> str:
+    """Where each run of `tasks` stands after an interruption, and the command line that continues them."""
+    from fairbench.checkpoint import list_checkpoints
+    from fairbench.results import is_finished
+    from fairbench.worker import task_folder
+
+    lines, finished, waiting = ["interrupted."], 0, 0
+    for task in tasks:
+        folder = task_folder(task, plan.out)
+        if task.kind == "train" and is_finished(folder):
+            finished += 1
+        elif task.kind == "train" and (epochs := sorted(list_checkpoints(folder / "checkpoints"))):
+            lines.append(f"  {task.run_id}: epoch(s) {_epoch_ranges(epochs)} of {task.epochs} checkpointed; it "
+                         f"continues after epoch {epochs[-1]}")
+        elif task.kind == "eval":
+            if any((folder / "partial_eval").glob("*/*.parquet")):
+                lines.append(f"  {task.run_id}: evaluation partly done; its finished chunks are kept under "
+                             f"{folder / 'partial_eval'}")
+        else:
+            waiting += 1
+    counts = [f"{finished} run(s) finished"] if finished else []
+    counts += [f"{waiting} not started (nothing checkpointed)"] if waiting else []
+    if counts:
+        lines.append(f"  {', '.join(counts)}")
+    words = ["fairbench", *sys.argv[1:]]
+    if add_resume and "--resume" not in words:
+        words.append("--resume")
+    lines.append(f"continue with: {shlex.join(words)}")
+    return "\n".join(lines)
+
+
+def _epoch_ranges(epochs: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1-3, 7'."""
+    parts, start = [], epochs[0]
+    for prev, cur in zip(epochs, [*epochs[1:], None]):
+        if cur != prev + 1:
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ", ".join(parts)
+
+
+def _launcher(opts: dict) -> str:
+    return opts["launcher"] or ("local" if opts["workers"] or opts["gpus"] else "inline")
+
+
+def _check_here(plan, opts: dict, device: str) -> None:
+    """Before the first run starts on this machine (inline or a local pool): the device exists here and every
+    dataset of the plan has its files, so a grid never trains one dataset for days and then stops at the
+    next one's missing files. Cluster launchers skip this: their nodes may differ from this host."""
+    if _launcher(opts) not in ("inline", "local"):
+        return
+    from fairbench.data import DataNotFoundError, check_dataset_files
+    from fairbench.engine import select_device
+
+    if not opts["gpus"]:  # a pool with --gpus gives each worker its own GPU as cuda:0
+        select_device(device)
+    missing = {}
+    for spec in (t.spec for t in plan.tasks if t.kind == "train"):
+        try:
+            check_dataset_files(spec.dataset, spec.data_dir)
+        except DataNotFoundError as err:
+            missing.setdefault(spec.dataset, str(err))
+    if missing:
+        raise FairbenchError(f"the grid needs {', '.join(missing)}, whose files are missing; nothing was trained. "
+                             + " ".join(f"{name}: {why}" for name, why in missing.items()))
+    from fairbench.results import is_finished, run_dir
+    from fairbench.runner import check_same_data
+
+    for task in plan.tasks:  # a finished run is skipped only on the data it was trained on
+        if task.kind == "train" and is_finished(run_dir(plan.out, task.run_id)):
+            check_same_data(run_dir(plan.out, task.run_id), task.spec)
 
 
 def _slurm_resources(opts: dict):
@@ -319,9 +446,7 @@ def _replay(ctx: click.Context, exclude: tuple[str, ...] = ()) -> str:
     return shlex.join(words)
 
 
-GRID_PARAMS = ("methods", "config_path", "scale", "dataset", "seeds", "arch", "epochs", "batch_size", "lr", "schedule",
-               "weight_decay", "protocol", "init_from", "hot_start_epochs", "sets", "attack", "eval_eps", "eval_last",
-               "attack_precision", "train_per_class", "eval_per_class", "data_dir", "device", "amp", "out", "plugins")
+GRID_PARAMS = ("config_path", "scale", *(o.name for o in run_options()), "out", "plugins")
 
 
 def _plan_table(plan, states) -> Table:
@@ -340,22 +465,25 @@ def _index_of(plan, run_id: str) -> int:
 
 
 def _cli_specs(opts: dict) -> list:
-    from fairbench.spec import RunSpec, check_overrides
+    """The runs the grid options name without --config: one per method and seed, every RunSpec field from its
+    option."""
+    from fairbench.grid import run_specs
 
-    names = [m.strip() for m in opts["methods"].split(",") if m.strip()]
-    overrides = _parse_sets(opts["sets"])
-    check_overrides(overrides, names)
-    attacks = tuple(a.strip() for a in opts["attack"].split(",") if a.strip())
-    keys = ("arch", "epochs", "batch_size", "lr", "schedule", "weight_decay", "protocol", "init_from",
-            "hot_start_epochs", "train_per_class", "eval_per_class", "eval_last", "data_dir", "device", "amp",
-            "attack_precision")
-    return [RunSpec(method=m, dataset=opts["dataset"], seed=s, overrides=overrides, attacks=attacks,
-                    eval_eps=parse_number(opts["eval_eps"]), **{k: opts[k] for k in keys})
-            for m in names for s in _parse_seeds(opts["seeds"])]
+    return run_specs({o.name: from_command_line(o, opts[o.name]) for o in run_options()})
 
 
 @cli.command(name="eval")
-@click.argument("targets", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("targets", nargs=-1, type=click.Path(exists=True))
+@click.option("--model", "model_ref", default=None, metavar="MODULE:FACTORY",
+              help="Evaluate a model fairbench did not train: FACTORY() in MODULE returns it (inputs in [0, 1], "
+                   "normalisation inside, logits out); needs --dataset and --name.")
+@click.option("--weights", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="With --model: a state_dict to load (also under a `state_dict`/`model` key, `module.` prefixes "
+                   "accepted; read with weights_only=True).")
+@click.option("--dataset", "model_dataset", default=None, help="With --model: the test set to evaluate on.")
+@click.option("--name", "model_name", default=None, help="With --model: the label of its rows in tables and plots.")
+@click.option("--out", "model_out", default="results", show_default=True, type=click.Path(file_okay=False),
+              help="With --model: the results folder its run folder goes to.")
 @click.option("--attack", default="pgd20,aa", show_default=True, help="Comma-separated suites (see `fairbench attacks`).")
 @click.option("--checkpoints", default="last5", show_default=True, help="last5 (lastN), final, all, or epochs 146,150.")
 @click.option("--n-examples", type=int, default=None,
@@ -364,18 +492,32 @@ def _cli_specs(opts: dict) -> list:
 @click.option("--eps-sweep", default=None, metavar="E1,E2,...",
               help="Evaluate at each radius, in /255 (0,2,4,8,16,32); rows are stored as SUITE@E/255 "
                    "(`fairbench plot --kind eps`). Without --attack, sweeps pgd20 only.")
-@click.option("--attack-precision", type=click.Choice(ATTACK_PRECISIONS), default=None, help=ATTACK_PRECISION_HELP + " Default: the run's.")
-@click.option("--data-dir", default=None)
+@click.option("--attack-precision", type=click.Choice(ATTACK_PRECISIONS), default=None,
+              help=run_option("attack_precision").help + " Default: the run's.")
+@click.option("--data-dir", default=None, help="Dataset root (default: the one each run was trained with, from its "
+                                               "run.json; else $FAIRBENCH_DATA or ./data).")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--force", is_flag=True,
+              help="Replace stored rows of a suite even when they cover more test samples than this evaluation.")
 @LAUNCH_OPTIONS
+@PLUGINS_OPTION
 @click.option("--quiet", "-q", is_flag=True)
-def eval_cmd(targets, attack, checkpoints, n_examples, eval_eps, eps_sweep, attack_precision, data_dir, device,
-             quiet, **launch) -> None:
-    """Evaluate finished runs (RUN_DIR, a checkpoint file, or a results folder) and add the rows to their results.
+def eval_cmd(targets, model_ref, weights, model_dataset, model_name, model_out, attack, checkpoints, n_examples,
+             eval_eps, eps_sweep, attack_precision, data_dir, device, force, plugins, quiet, **launch) -> None:
+    """Evaluate finished runs (RUN_DIR, a checkpoint file, or a results folder) and add the rows to their results;
+    or, with --model, a model fairbench did not train.
 
     A killed evaluation resumes where it stopped when started again. Many runs are a grid of evaluations:
     --workers/--gpus/--launcher spread them like `fairbench run` does.
     """
+    _load_plugins(plugins)
+    if model_ref or weights or model_dataset or model_name:
+        _eval_external(targets, model_ref, weights, model_dataset, model_name, model_out, attack, n_examples,
+                       eval_eps, data_dir, device, force, quiet)
+        return
+    if not targets:
+        raise FairbenchError("name what to evaluate: a run folder, a checkpoint file or a results folder, or a "
+                             "model with --model MODULE:FACTORY --dataset D --name LABEL")
     from fairbench.plan import eval_plan
 
     source = click.get_current_context().get_parameter_source("attack")
@@ -400,12 +542,81 @@ def eval_cmd(targets, attack, checkpoints, n_examples, eval_eps, eps_sweep, atta
         if target.is_file():
             checkpoint_epoch(target)  # only RUN/checkpoints/epoch_NNNN.pt; says what eval takes otherwise
         runs = sorted(p.parent for p in target.glob("runs/*/run.json")) or sorted(p.parent for p in target.glob("*/run.json"))
+        external = [r for r in runs if _is_external(r)]
+        for run in external:
+            err_console.print(f"{run.name}: an outside model's evaluation, left out (evaluate it again with "
+                              "`fairbench eval --model ...`)", highlight=False)
+        runs = [r for r in runs if r not in external]
+        if not runs and _is_external(target):
+            raise FairbenchError(f"{target} holds an outside model's evaluation; evaluate that model again with "
+                                 "`fairbench eval --model MODULE:FACTORY --dataset D --name LABEL`")
         folders.extend(runs or [target])
+    if not folders:
+        raise FairbenchError("nothing to evaluate: the folders hold only outside models' evaluations")
     first = folders[0].parent.parent if folders[0].suffix == ".pt" else folders[0]
     out = first.parent.parent if first.parent.name == "runs" else first.parent
     options = {"attacks": attacks, "checkpoints": checkpoints, "data_dir": data_dir, "device": device,
-               "label_eps": bool(eps_sweep), "n_examples": n_examples, "precision": attack_precision, "radii": radii}
-    _launch(eval_plan(folders, options, out), launch, quiet)
+               "label_eps": bool(eps_sweep), "n_examples": n_examples, "precision": attack_precision, "radii": radii,
+               "force": force}
+    plan = eval_plan(folders, options, out, _plugin_names(plugins))
+    _check_here(plan, launch, device)
+    _launch(plan, launch, quiet)
+
+
+def _is_external(folder: Path) -> bool:
+    """A run folder written by `fairbench eval --model` (no training spec to evaluate it from)."""
+    try:
+        return bool(json.loads((folder / "run.json").read_text()).get("external"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _eval_external(targets, model_ref, weights, dataset, name, out, attack, n_examples, eval_eps, data_dir, device,
+                   force, quiet) -> None:
+    """`fairbench eval --model MODULE:FACTORY --dataset D --name LABEL`: one model, class-wise, into OUT."""
+    from fairbench.external import evaluate_model, load_model
+    from fairbench.progress import RichReporter
+
+    missing = [opt for opt, value in (("--model", model_ref), ("--dataset", dataset), ("--name", name)) if not value]
+    if missing:
+        raise FairbenchError(f"evaluating an outside model needs {', '.join(missing)} too "
+                             "(--model MODULE:FACTORY --dataset D --name LABEL [--weights FILE])")
+    if targets:
+        raise FairbenchError("--model evaluates one model; leave out the run folders (evaluate them in another call)")
+    check_writable(Path(out), "--out")
+    model = load_model(model_ref, weights)
+    attacks = [a.strip() for a in attack.split(",") if a.strip()]
+    eps = parse_number(eval_eps) if eval_eps else 8 / 255
+    with RichReporter(err_console, quiet=quiet) as reporter:
+        result = evaluate_model(model, dataset, attacks, eps, n_examples, data_dir, device, name=name, out=out,
+                                force=force, reporter=reporter)
+    if not quiet:
+        err_console.print(f"wrote {result.folder / 'classwise.parquet'}", highlight=False)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["robustbench"]), default="robustbench", show_default=True,
+              help="robustbench: the weights as a plain state_dict and RobustBench's model-info JSON.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for NAME.pt and NAME.json.")
+@click.option("--name", default=None, help="The model's name (file names and the JSON's name) [the run id].")
+@click.option("--checkpoint", default="final", show_default=True, help="final, or an epoch.")
+@click.option("--data-dir", default=None, help="Dataset root (default: the one the run was trained with).")
+@click.option("--force", is_flag=True, help="Replace an earlier export of the same name.")
+def export(run_dir, fmt, out, name, checkpoint, data_dir, force) -> None:
+    """Export a finished run: RobustBench's files, numbers from the run's own AutoAttack records on the full
+    test set (`fairbench eval RUN --attack aa --checkpoints final` first)."""
+    from fairbench.export import export_robustbench
+
+    epoch = None if checkpoint == "final" else parse_epoch(checkpoint, "--checkpoint")
+    paths = export_robustbench(Path(run_dir), Path(out), name, epoch, data_dir, force)
+    console.print(f"wrote {paths.weights} and {paths.info}", highlight=False)
+
+
+def parse_epoch(text: str, option: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise FairbenchError(f"{option} expects final or an epoch number >= 1, got {text!r}")
+    return int(text)
 
 
 @cli.command(name="ab-check")
@@ -416,7 +627,7 @@ def eval_cmd(targets, attack, checkpoints, n_examples, eval_eps, eps_sweep, atta
 @click.option("--data-dir", default=None)
 @click.option("--device", default="auto", show_default=True)
 def ab_check(run_dir, attack, checkpoint, n_examples, data_dir, device) -> None:
-    """Attack one checkpoint in fp32 and in bf16 and compare (evaluation.md 12.2), before tables use bf16.
+    """Attack one checkpoint in fp32 and in bf16 and compare (docs/evaluation.md §12), before tables use bf16.
 
     Passes within 0.3 points overall and within 2 binomial standard errors per class; the result is stored
     in the run's run.json. Exit status 1 if it fails: keep fp32 for this dataset and architecture.
@@ -448,80 +659,206 @@ def _eps_sweep(text: str, eval_eps: str | None, attacks: list[str]) -> list[floa
     return radii
 
 
+TABLE_OPTIONS = _options(
+    click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(file_okay=False)),
+    click.option("--last-k", type=int, default=5, show_default=True,
+                 help="Average each run over its last k checkpoints."),
+    click.option("--baseline", default="trades", show_default=True,
+                 help="Method rho (and --stats' paired differences) is measured against."),
+    click.option("--rho-variant", type=click.Choice(["dafa", "worst_minus_avg"]), default="dafa", show_default=True),
+    click.option("--union", is_flag=True,
+                 help="Also the suite robust under every attack suite run on a checkpoint (e.g. aa+pgd20), on the "
+                      "samples all of them attacked."),
+    click.option("--cascade", is_flag=True,
+                 help="Also the robust accuracy after each prefix of a cascade: aa:apgd-ce, aa:apgd-t, aa:fab-t."),
+    PLUGINS_OPTION,
+)
+"""Which results a table is computed from, and how (shared by `table` and `paper TABLE`)."""
+
+OUTPUT_OPTIONS = _options(
+    click.option("--format", "fmt", type=click.Choice(["rich", "md", "latex", "csv"]), default="rich",
+                 show_default=True),
+    click.option("--output", "-o", default=None, type=click.Path(dir_okay=False), help="Write to a file instead."),
+)
+"""How a table is printed (shared by `table` and the `paper` commands)."""
+
+
 @cli.command()
-@click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["rich", "md", "latex", "csv"]), default="rich", show_default=True)
-@click.option("--last-k", type=int, default=5, show_default=True, help="Average each run over its last k checkpoints.")
+@TABLE_OPTIONS
 @click.option("--worst", type=click.Choice(["min", "min20"]), default="min", show_default=True,
               help="Worst class, or mean of the lowest 20% of classes (Tiny-ImageNet).")
-@click.option("--baseline", default="trades", show_default=True, help="Method rho is measured against.")
-@click.option("--rho-variant", type=click.Choice(["dafa", "worst_minus_avg"]), default="dafa", show_default=True)
 @click.option("--attack", "attacks", default=None, help="Only these robust attacks (comma-separated).")
-@click.option("--output", "-o", default=None, type=click.Path(dir_okay=False), help="Write to a file instead.")
-@click.option("--paper", "paper_table", default=None, metavar="TABLE",
-              help="The TRIX paper's layout: table1, table2, table3, table4, tinyimagenet (or one part: table1a, "
-                   "table5b, ...). Uses the paper's worst statistic; --attack overrides its attack (aa; pgd20 for table2).")
-@click.option("--compare", type=click.Choice(["paper"]), default=None,
-              help="With --paper: ours beside the published numbers, difference ours - paper.")
-@click.option("--check-reference", is_flag=True,
-              help="Recompute the published rho of the TRIX and DAFA tables with both conventions; needs no results.")
-@click.option("--union", is_flag=True,
-              help="Also the suite robust under every attack suite run on a checkpoint (e.g. aa+pgd20), on the "
-                   "samples all of them attacked.")
-@click.option("--cascade", is_flag=True,
-              help="Also the robust accuracy after each prefix of a cascade: aa:apgd-ce, aa:apgd-t, aa:fab-t.")
-def table(results_dir, fmt, last_k, worst, baseline, rho_variant, attacks, output, paper_table, compare,
-          check_reference, union, cascade) -> None:
-    """Average / worst-class accuracy and rho per method, mean ± std over seeds; or the TRIX paper's tables."""
+@click.option("--stats", "with_stats", is_flag=True,
+              help="How sure the numbers are: 95% intervals over seeds, paired differences against --baseline with "
+                   "p-values, the worst class per seed, a bootstrap over test samples (docs/statistics.md).")
+@OUTPUT_OPTIONS
+@click.option("--paper", "paper_table", default=None, hidden=True)  # deprecated: `fairbench paper TABLE`
+@click.option("--compare", type=click.Choice(["paper"]), default=None, hidden=True)
+@click.option("--check-reference", is_flag=True, hidden=True)
+def table(results_dir, last_k, baseline, rho_variant, union, cascade, plugins, worst, attacks, with_stats, fmt, output,
+          paper_table, compare, check_reference) -> None:
+    """Average / worst-class accuracy and rho per method, mean ± std over seeds (--stats: how sure they are).
+    The TRIX paper's tables: `fairbench paper TABLE`."""
+    if paper_table or compare or check_reference:
+        _old_paper_flags(click.get_current_context())
+        return
     from functools import partial
 
-    from fairbench import paper
+    _load_plugins(plugins)
+
     from fairbench.tables import fairness_table, format_table, load_results
 
-    if compare and not paper_table:
-        raise FairbenchError("--compare paper needs --paper TABLE (e.g. --paper table1)")
-    if check_reference:
-        render = partial(paper.format_rho_check, paper.check_reference_rho(None))
-    elif paper_table:
-        spec = paper.resolve_table(paper_table)
-        if click.get_current_context().get_parameter_source("worst") != click.core.ParameterSource.DEFAULT \
-                and worst != spec.worst:
-            raise FairbenchError(f"--paper {paper_table} uses the paper's worst={spec.worst}; drop --worst {worst}")
-        if attacks and "," in attacks:
-            raise FairbenchError("--paper shows one robust attack; give a single --attack")
-        opts = dict(results_table=load_results(results_dir, union=union, cascade=cascade), table_id=paper_table,
-                    last_k=last_k, baseline=baseline, rho_variant=rho_variant, attack=attacks)
-        render = (partial(paper.format_comparison, paper.compare_with_paper(**opts)) if compare
-                  else partial(paper.format_paper_layout, paper.paper_layout(**opts)))
+    results, chosen = load_results(results_dir, union=union, cascade=cascade), attacks.split(",") if attacks else None
+    if with_stats:
+        from fairbench.stats import format_statistics, statistics_table
+
+        render = partial(format_statistics, statistics_table(results, results_dir, last_k=last_k, worst=worst,
+                                                             baseline=baseline, attacks=chosen))
     else:
-        render = partial(format_table, fairness_table(
-            load_results(results_dir, union=union, cascade=cascade), last_k=last_k, worst=worst, baseline=baseline,
-            rho_variant=rho_variant, attacks=attacks.split(",") if attacks else None))
+        render = partial(format_table, fairness_table(results, last_k=last_k, worst=worst, baseline=baseline,
+                                                      rho_variant=rho_variant, attacks=chosen))
+    _emit(render, fmt, output)
+    _report_checks(results_dir)
+
+
+class _PaperGroup(click.Group):
+    """`fairbench paper TABLE [OPTIONS]`: a name that is none of the group's commands (check-reference) is a table
+    id, shown by `table_command`, which reads it from its context's name (so its usage line says `paper table1`)."""
+    table_command: click.Command
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return super().get_command(ctx, cmd_name) or (None if cmd_name.startswith("-") else self.table_command)
+
+
+@cli.group(cls=_PaperGroup)
+def paper() -> None:
+    """The TRIX paper's tables (arXiv 2507.07768) from fairbench results, and its published numbers.
+
+    \b
+    fairbench paper TABLE [--compare paper]  ours in the paper's layout (its methods, columns and worst
+                                             statistic), or beside the published numbers (ours - paper)
+    fairbench paper check-reference          which published rho entries each rho formula reproduces
+
+    TABLE: table1, table2, table3, table4, tinyimagenet, or one part (table1a, table5b, ...).
+    `fairbench paper TABLE --help` lists its options.
+    """
+
+
+@click.command()
+@TABLE_OPTIONS
+@click.option("--attack", default=None, help="The robust attack [the paper's: aa; pgd20 for table2].")
+@click.option("--compare", type=click.Choice(["paper"]), default=None,
+              help="Ours beside the published numbers, difference ours - paper.")
+@OUTPUT_OPTIONS
+def paper_table(results_dir, last_k, baseline, rho_variant, union, cascade, plugins, attack, compare, fmt,
+                output) -> None:
+    """One of the TRIX paper's tables in its layout, from the results (mean ± std over seeds, the best of each
+    column in bold); with --compare paper, beside the published numbers."""
+    from fairbench import paper as paper_tables
+
+    table_id = click.get_current_context().info_name
+    if table_id not in paper_tables.table_ids():
+        raise UnknownNameError("paper table (or command)", table_id, [*paper_tables.table_ids(), *paper.commands])
+    _load_plugins(plugins)
+    _show_paper_table(table_id, compare, attack, results_dir, last_k, baseline, rho_variant, union, cascade, fmt,
+                      output)
+
+
+paper.table_command = paper_table
+
+
+@paper.command(name="check-reference")
+@OUTPUT_OPTIONS
+def check_reference_cmd(fmt, output) -> None:
+    """Recompute the published rho of the TRIX and DAFA tables from their published accuracies with both
+    conventions (docs/metrics.md §5), and say which entry needs which; needs no results."""
+    _show_rho_check(fmt, output)
+
+
+def _show_paper_table(table_id: str, compare: str | None, attack: str | None, results_dir: str, last_k: int,
+                      baseline: str, rho_variant: str, union: bool, cascade: bool, fmt: str, output: str | None) -> None:
+    """`fairbench paper TABLE`: the layout, or with `compare` the comparison with the published numbers."""
+    from functools import partial
+
+    from fairbench import paper as paper_tables
+    from fairbench.tables import load_results
+
+    if attack and "," in attack:
+        raise FairbenchError("a paper table shows one robust attack; give a single --attack")
+    opts = dict(results_table=load_results(results_dir, union=union, cascade=cascade), table_id=table_id,
+                last_k=last_k, baseline=baseline, rho_variant=rho_variant, attack=attack)
+    render = (partial(paper_tables.format_comparison, paper_tables.compare_with_paper(**opts)) if compare
+              else partial(paper_tables.format_paper_layout, paper_tables.paper_layout(**opts)))
+    _emit(render, fmt, output)
+    _report_checks(results_dir)
+
+
+def _show_rho_check(fmt: str, output: str | None) -> None:
+    """`fairbench paper check-reference`: every published rho recomputed with both conventions."""
+    from functools import partial
+
+    from fairbench import paper as paper_tables
+
+    _emit(partial(paper_tables.format_rho_check, paper_tables.check_reference_rho(None)), fmt, output)
+
+
+def _old_paper_flags(ctx: click.Context) -> None:
+    """`table --paper T [--compare paper]` and `table --check-reference`, kept for one release: the same checks
+    and output as the `paper` commands, after a one-line note naming the command to use instead."""
+    p = ctx.params
+    if p["compare"] and not p["paper_table"]:
+        raise FairbenchError("--compare paper needs --paper TABLE (e.g. --paper table1)")
+    if p["with_stats"]:
+        raise FairbenchError("--stats is a table of its own; the paper layouts carry the significance of TRIX vs "
+                             "TRADES as a note. Drop --paper/--check-reference or --stats")
+    new = "check-reference" if p["check_reference"] else p["paper_table"] + (" --compare paper" if p["compare"] else "")
+    err_console.print(f"note: `fairbench table --paper/--compare/--check-reference` is deprecated and goes in the "
+                      f"next release; use `fairbench paper {new}`", highlight=False, soft_wrap=True)
+    if p["check_reference"]:
+        _show_rho_check(p["fmt"], p["output"])
+        return
+    from fairbench import paper as paper_tables
+
+    _load_plugins(p["plugins"])
+    worst = paper_tables.resolve_table(p["paper_table"]).worst
+    if ctx.get_parameter_source("worst") != click.core.ParameterSource.DEFAULT and p["worst"] != worst:
+        raise FairbenchError(f"--paper {p['paper_table']} uses the paper's worst={worst}; drop --worst {p['worst']}")
+    _show_paper_table(p["paper_table"], p["compare"], p["attacks"], p["results_dir"], p["last_k"], p["baseline"],
+                      p["rho_variant"], p["union"], p["cascade"], p["fmt"], p["output"])
+
+
+def _emit(render: Callable[[str], Any], fmt: str, output: str | None) -> None:
+    """Print a rendered table, or write it to `output` (as markdown where the format is rich)."""
     rendered = render(fmt)
     if output:
-        text = rendered if isinstance(rendered, str) else render("md")
-        Path(output).write_text(text)
+        Path(output).write_text(rendered if isinstance(rendered, str) else render("md"))
         err_console.print(f"wrote {output}")
     elif isinstance(rendered, str):
         click.echo(rendered)
     else:
         for item in rendered:
             console.print(item)
-    if not check_reference:
-        from fairbench.evalchecks import stored_warnings
-        from fairbench.precision_ab import unchecked_bf16
 
-        raised = stored_warnings(results_dir) + unchecked_bf16(results_dir)
-        for line in raised[:20]:
-            err_console.print(f"[yellow]check:[/yellow] {line}", highlight=False)
-        if len(raised) > 20:
-            err_console.print(f"... and {len(raised) - 20} more raised checks (see `checks` in each run.json)")
+
+def _report_checks(results_dir: str) -> None:
+    """The checks the runs under `results_dir` raised (stored warnings, unchecked bf16 attacks), under a table."""
+    from fairbench.evalchecks import stored_warnings
+    from fairbench.precision_ab import unchecked_bf16
+
+    raised = stored_warnings(results_dir) + unchecked_bf16(results_dir)
+    for line in raised[:20]:
+        err_console.print(f"[yellow]check:[/yellow] {line}", highlight=False)
+    if len(raised) > 20:
+        err_console.print(f"... and {len(raised) - 20} more raised checks (see `checks` in each run.json)")
 
 
 @cli.command(name="methods")
-def methods_cmd() -> None:
+@PLUGINS_OPTION
+def methods_cmd(plugins: tuple[str, ...]) -> None:
     """List the registered methods: name, source package, description, config defaults."""
     from fairbench.registry import get_method_class, list_methods, method_source
+
+    _load_plugins(plugins)
 
     t = Table(title="fairbench methods", show_lines=True)
     for col in ("method", "source", "description", "defaults"):
@@ -540,9 +877,12 @@ def methods_cmd() -> None:
 
 @cli.command()
 @click.argument("method")
-def describe(method: str) -> None:
+@PLUGINS_OPTION
+def describe(method: str, plugins: tuple[str, ...]) -> None:
     """Every hyperparameter of METHOD with its default and meaning."""
     from fairbench.registry import get_method_class
+
+    _load_plugins(plugins)
 
     cls = get_method_class(method)
     docs = field_docs_all(cls.Config)
@@ -615,19 +955,26 @@ def download(dataset: str, data_dir: str | None) -> None:
     console.print(f"{dataset} is ready under {path}")
 
 
+PLOT_KINDS = ("classwise", "eps", "targeted", "similarity", "confusion", "worstclass", "training")
+"""`plots.RENDERERS`' names, listed here so the command line starts without matplotlib (a test keeps them equal)."""
+
+
 @cli.command()
 @click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(file_okay=False))
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Folder for the figures [RESULTS/plots].")
-@click.option("--kind", type=click.Choice(["classwise", "eps", "targeted", "similarity", "confusion", "all"]),
+@click.option("--kind", type=click.Choice([*PLOT_KINDS, "all"]),
               default="all", show_default=True, help="classwise: accuracy per class and method (TRIX Fig. 4/5); "
               "eps: robust accuracy against eps (Fig. 3); targeted: untargeted vs targeted success (Fig. 1a); "
-              "similarity: DAFA/TRIX class similarity and weights; confusion: where each attack sends each class.")
+              "similarity: DAFA/TRIX class similarity and weights; confusion: where each attack sends each class; "
+              "worstclass: which class is the worst in how many seeds, per method; training: class-wise PGD-20 "
+              "accuracy over the epochs (runs trained with --track-every).")
 @click.option("--attack", "attacks", default=None, help="Robust attack(s), comma-separated [every one evaluated].")
 @click.option("--methods", "-m", default=None, help="Comma-separated methods, in legend order [all].")
 @click.option("--last-k", type=int, default=5, show_default=True, help="Average each run over its last k checkpoints.")
 @click.option("--pair", default=None, metavar="UNTARGETED,TARGETED",
               help="Suites compared by --kind targeted [apgd-ce,apgd-t, or the first such pair found].")
-def plot(results_dir, out, kind, attacks, methods, last_k, pair) -> None:
+@click.option("--zoom", is_flag=True, help="Class-wise figures: fit the y-axis to the data instead of 0-100.")
+def plot(results_dir, out, kind, attacks, methods, last_k, pair, zoom) -> None:
     """Figures (PNG and PDF) of the class-wise results; prints the paths of the files written."""
     from fairbench.plots import PlotRequest, render_plots
 
@@ -637,7 +984,7 @@ def plot(results_dir, out, kind, attacks, methods, last_k, pair) -> None:
     if pair and len(names(pair)) != 2:
         raise FairbenchError(f"--pair expects two suites, UNTARGETED,TARGETED (e.g. apgd-ce,apgd-t); got {pair!r}")
     request = PlotRequest(Path(results_dir), Path(out) if out else Path(results_dir) / "plots", names(attacks),
-                          names(methods), last_k, names(pair))
+                          names(methods), last_k, names(pair), zoom)
     report = render_plots(request, kind)
     for note in report.skipped:
         err_console.print(f"[yellow]skipped[/yellow] {escape(note)}", highlight=False, soft_wrap=True)

@@ -86,5 +86,3 @@ def field_docs(config_cls: type) -> dict[str, str]:
 
 
 ATTACK_PRECISIONS: tuple[str, ...] = ("auto", "fp32", "tf32", "bf16")
-ATTACK_PRECISION_HELP = ("Precision attacks search in (verdicts are always strict fp32): auto = TF32 on CUDA, fp32 on "
-                         "CPU; bf16 is faster and opt-in (check it first with `fairbench ab-check`, evaluation.md 12.2).")

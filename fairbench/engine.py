@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -16,11 +16,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from fairbench.checkpoint import first_line, list_checkpoints, load_checkpoint, save_checkpoint
+from fairbench.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from fairbench.data.base import Dataset
 from fairbench.data.loader import DeviceSplit, hold_out, stratified_subset, train_batches
-from fairbench.errors import FairbenchError, NonFiniteLossError
-from fairbench.method import Batch, FairAT, RunContext, SampleMemory
+from fairbench.errors import FairbenchError, NonFiniteLossError, first_line
+from fairbench.method import Batch, FairAT, RunContext, SampleMemory, Services
 from fairbench.models import create_model
 from fairbench.schedules import lr_factor
 from fairbench.spec import ResolvedRun
@@ -30,6 +30,7 @@ class Reporter(Protocol):
     def run_started(self, run_id: str, epochs: int, batches: int, start_epoch: int) -> None: ...
     def batch_progress(self, epoch: int, batch: int, loss: float, images_per_s: float) -> None: ...
     def epoch_done(self, epoch: int, loss: float, images_per_s: float, seconds: float, log: dict) -> None: ...
+    def eval_progress(self, what: str, done: int, total: int, seconds: float) -> None: ...
     def message(self, text: str) -> None: ...
 
 
@@ -37,18 +38,29 @@ class SilentReporter:
     def run_started(self, *a, **k) -> None: ...
     def batch_progress(self, *a, **k) -> None: ...
     def epoch_done(self, *a, **k) -> None: ...
+    def eval_progress(self, *a, **k) -> None: ...
     def message(self, text: str) -> None: ...
 
 
 def select_device(name: str) -> torch.device:
+    """The torch device `--device NAME` means; a name this machine cannot run on is refused by its name
+    (before anything is written), not left to fail inside torch."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError as err:
-        raise FairbenchError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FairbenchError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise FairbenchError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from err
+    if device.type not in ("cpu", "cuda"):
+        raise FairbenchError(f"--device {name!r}: fairbench runs on cpu or CUDA GPUs; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise FairbenchError(f"--device {name} was asked for but no CUDA GPU is visible here; use --device cpu "
+                                 f"(or auto, which takes a GPU when there is one)")
+        if device.index is not None and device.index >= count:
+            raise FairbenchError(f"--device {name} was asked for but only {count} CUDA GPU(s) are visible "
+                                 f"(cuda:0..cuda:{count - 1}); use one of those or --device cuda")
     return device
 
 
@@ -58,6 +70,39 @@ def mix_seed(*parts: int) -> int:
     for p in parts:
         h = ((h ^ (p + 0x632BE59BD9B4E019)) * 0xBF58476D1CE4E5B9) & ((1 << 63) - 1)
     return h
+
+
+def training_splits(dataset: Dataset, services: Services, device: torch.device,
+                    train_per_class: int | None = None) -> tuple[DeviceSplit, DeviceSplit | None]:
+    """(training split, validation split): the first `train_per_class` samples of each class (all without it),
+    less the share of each class the method's `services.validation` holds out (None when it asks for none)."""
+    labels = dataset.train.labels
+    positions = np.arange(len(labels))
+    if train_per_class:
+        positions = stratified_subset(labels, dataset.num_classes, train_per_class)
+    full = DeviceSplit.from_arrays(dataset.train, device)
+    spec = services.validation
+    if spec is None:
+        return full.subset(torch.as_tensor(positions, device=device)), None
+    keep, val = hold_out(labels[positions], dataset.num_classes, spec.fraction, spec.position)
+    return (full.subset(torch.as_tensor(positions[keep], device=device)),
+            full.subset(torch.as_tensor(positions[val], device=device)))
+
+
+def build_context(services: Services, num_classes: int, device: torch.device, epochs: int, num_train: int,
+                  val_split: DeviceSplit | None = None, eval_batch_size: int = 256) -> RunContext:
+    """The context a method trains with: a generator on the device and exactly the services it declares.
+
+    The one place a `RunContext` is made (the engine, and the tests through `tests/conftest.py`), so a method
+    tested against it is tested against what the engine gives it.
+    """
+    if services.validation is not None and val_split is None:
+        raise ValueError("the method declares a validation split; pass the one `training_splits` held out")
+    return RunContext(
+        num_classes=num_classes, device=device, epochs=epochs, generator=torch.Generator(device=device),
+        memory=SampleMemory(num_train, num_classes, device) if services.sample_memory else None,
+        val_split=val_split, eval_batch_size=eval_batch_size,
+    )
 
 
 @dataclass
@@ -74,24 +119,17 @@ class Trainer:
     train_split: DeviceSplit
     amp: bool
     channels_last: bool
+    history: list = field(default_factory=list)
+    """One `epoch_record` per trained epoch, kept in every checkpoint so a resumed run has all of them."""
+    epoch_observers: list = field(default_factory=list)
+    """Called with (record, trainer) after each epoch, before the checkpoint (they may add to the record)."""
 
     @classmethod
     def build(cls, resolved: ResolvedRun, dataset: Dataset, device: torch.device) -> "Trainer":
         spec = resolved.spec
         torch.manual_seed(mix_seed(spec.seed, 0, 7))
-        labels = dataset.train.labels
-        positions = np.arange(len(labels))
-        if spec.train_per_class:
-            positions = stratified_subset(labels, dataset.num_classes, spec.train_per_class)
         method = resolved.method_cls(resolved.method_config)
-        val_split = None
-        if method.validation is not None:
-            keep, val = hold_out(labels[positions], dataset.num_classes, method.validation.fraction,
-                                 method.validation.position)
-            full = DeviceSplit.from_arrays(dataset.train, device)
-            val_split = full.subset(torch.as_tensor(positions[val], device=device))
-            positions = positions[keep]
-        train_split = DeviceSplit.from_arrays(dataset.train, device).subset(torch.as_tensor(positions, device=device))
+        train_split, val_split = training_splits(dataset, method.services, device, spec.train_per_class)
         model = create_model(resolved.arch, dataset.num_classes, dataset.image_shape).to(device)
         channels_last = spec.channels_last if spec.channels_last is not None else device.type == "cuda"
         if channels_last:
@@ -99,13 +137,8 @@ class Trainer:
         optim = resolved.optim
         optimizer = torch.optim.SGD(model.parameters(), lr=optim["lr"], momentum=optim["momentum"],
                                     nesterov=optim["nesterov"], weight_decay=optim["weight_decay"])
-        ctx = RunContext(
-            num_classes=dataset.num_classes, device=device, epochs=resolved.epochs, dataset=dataset.name,
-            class_names=dataset.class_names, dafa_lambda=_dafa_lambda(dataset.name), num_train=len(train_split),
-            generator=torch.Generator(device=device), val_split=val_split, eval_batch_size=spec.eval_batch_size,
-            memory=SampleMemory(len(train_split), dataset.num_classes, device) if "sample_memory" in method.needs else None,
-            model=model,
-        )
+        ctx = build_context(method.services, dataset.num_classes, device, resolved.epochs, len(train_split),
+                            val_split, spec.eval_batch_size)
         method.setup(ctx)
         amp = spec.amp if spec.amp is not None else device.type == "cuda"
         return cls(resolved, dataset, device, model, optimizer, method, ctx, train_split, amp, channels_last)
@@ -114,7 +147,8 @@ class Trainer:
     def state(self) -> dict:
         return {"run_id": self.resolved.run_id, "config_hash": self.resolved.config_hash,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "method": self.method.state_dict(), "torch_rng": torch.get_rng_state()}
+                "method": self.method.state_dict(), "torch_rng": torch.get_rng_state(),
+                "history": list(self.history)}
 
     def restore(self, state: dict, source: Path | str = "checkpoint") -> None:
         try:
@@ -127,6 +161,7 @@ class Trainer:
                 f"fairbench version or configuration: choose another --out folder, or remove the run folder to "
                 f"train it again") from err
         torch.set_rng_state(state["torch_rng"])
+        self.history = list(state.get("history", []))  # checkpoints from before the history have none
 
     def resume_epoch(self, folder: Path) -> int:
         """Load the newest checkpoint in `folder`; returns the last finished epoch (0 if none)."""
@@ -154,7 +189,7 @@ class Trainer:
             self.ctx.epoch = epoch
             for group in self.optimizer.param_groups:
                 group["lr"] = resolved.optim["lr"] * lr_factor(resolved.optim["schedule"], epoch, resolved.epochs)
-            self.method.on_epoch_start(epoch, self.ctx)
+            self.method.on_epoch_start(epoch, self.model, self.ctx)
             self.model.train()
             loss_sum = torch.zeros((), device=self.device)
             first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
@@ -182,10 +217,15 @@ class Trainer:
             self._check_finite(first_bad, epoch)
             seconds = time.perf_counter() - start
             images_seen, train_seconds = images_seen + seen, train_seconds + seconds
-            self.method.on_epoch_end(epoch, self.ctx)
-            save_checkpoint(folder, epoch, self.state(), keep_last)
+            self.method.on_epoch_end(epoch, self.model, self.ctx)
             logs = {k: float(v) / batches for k, v in log_sums.items()}
-            reporter.epoch_done(epoch, float(loss_sum) / batches, seen / seconds, seconds, logs)
+            record = epoch_record(epoch, float(loss_sum) / batches, self.optimizer.param_groups[0]["lr"],
+                                  seen / seconds, seconds, logs, self.method.state_dict(), self.dataset.num_classes)
+            for observe in self.epoch_observers:  # tracking: held-out class-wise accuracy, experiment trackers
+                observe(record, self)
+            self.history.append(record)
+            save_checkpoint(folder, epoch, self.state(), keep_last)
+            reporter.epoch_done(epoch, record["loss"], record["images_per_s"], seconds, logs)
         return {"train_seconds": train_seconds, "images_per_s": images_seen / train_seconds if train_seconds else None}
 
     def _check_finite(self, first_bad: torch.Tensor, epoch: int) -> None:
@@ -201,7 +241,12 @@ class Trainer:
         return contextlib.nullcontext()
 
 
-def _dafa_lambda(dataset: str) -> float:
-    from fairbench.data import get_dataset_info
-
-    return get_dataset_info(dataset).dafa_lambda
+def epoch_record(epoch: int, loss: float, lr: float, images_per_s: float, seconds: float, parts: dict[str, float],
+                 method_state: dict, num_classes: int) -> dict:
+    """What one epoch did, for the run's history: loss and its logged parts, learning rate, speed, and the
+    method's per-class state (every 1-D state tensor with one entry per class: DAFA/TRIX class weights, CFA's
+    per-class radii, FRL's multipliers)."""
+    per_class = {k: [float(x) for x in v.detach().float().cpu()] for k, v in method_state.items()
+                 if isinstance(v, torch.Tensor) and v.dim() == 1 and v.numel() == num_classes and v.is_floating_point()}
+    return {"epoch": epoch, "loss": loss, "lr": float(lr), "images_per_s": images_per_s, "seconds": seconds,
+            "parts": dict(parts), "class_state": per_class, "tracked": {}}

@@ -27,3 +27,9 @@ class NonFiniteLossError(FairbenchError):
 
 class ClassCountError(FairbenchError, ValueError):
     """An attack component needs more classes than the model has."""
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """An error's first line, cut at `limit` (a state-dict mismatch lists kilobytes of keys)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text if len(text) <= limit else text[:limit] + "..."

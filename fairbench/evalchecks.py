@@ -1,4 +1,4 @@
-"""The automatic checks of an evaluation (evaluation.md 7.4 and 11).
+"""The automatic checks of an evaluation (docs/evaluation.md §11).
 
 Asserted (the evaluation stops, nothing is written): attacks leave the model in eval mode with its buffers
 unchanged. An attack that runs the model in train mode rewrites the BatchNorm statistics at every step and
@@ -24,10 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from fairbench.adversaries import eval_mode
 from fairbench.attacks.apgd import dlr_loss
 from fairbench.attacks.pgd import input_grad
-from fairbench.attacks.training import eval_mode
-from fairbench.results import run_metadata
+from fairbench.results import find_runs
 
 REPEATS = 5  # forwards compared by the randomness check (the reference's value)
 LOGIT_TOLERANCE = 1e-4  # on L2-normalised logits (randomness check)
@@ -80,7 +80,7 @@ class ModelState:
 
 
 def model_flags(model: nn.Module, x: Tensor, y: Tensor) -> dict:
-    """The model checks of evaluation.md 7.4 and 11.6 on one chunk (clean inputs x, labels y)."""
+    """The model checks of docs/evaluation.md §11 on one chunk (clean inputs x, labels y)."""
     with frozen_for_attack(model), torch.no_grad():
         outs = [model(x).float() for _ in range(REPEATS)]
         normed = [F.normalize(o, dim=1) for o in outs]
@@ -206,7 +206,7 @@ def stored_warnings(results_dir: str | Path) -> list[str]:
     """The raised checks of every run under `results_dir` (training-time evaluation and later `fairbench
     eval`s), as `run_id epoch E: warning` lines: tables are what people read, run.json is not."""
     lines = []
-    for meta in run_metadata(results_dir):
+    for _, meta in find_runs(results_dir, finished=False):
         blocks = [meta.get("checks") or {}] + [e.get("checks") or {} for e in meta.get("evaluations", [])]
         for block in blocks:
             for epoch, checks in block.items():

@@ -7,10 +7,10 @@ finished chunks when it is started again (per-sample random streams make the res
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -20,38 +20,46 @@ import torch.nn as nn
 from fairbench.attacks.registry import create_attack
 from fairbench.attacks.search import SearchSettings
 from fairbench.checkpoint import list_checkpoints, load_checkpoint
-from fairbench.data import load_dataset
+from fairbench.data import DataNotFoundError, load_dataset
 from fairbench.data.base import Dataset
 from fairbench.data.loader import DeviceSplit, eval_batches, stratified_subset
 from fairbench.engine import Reporter, SilentReporter, Trainer, select_device
 from fairbench.errors import FairbenchError
 from fairbench.evalchecks import epoch_checks, model_flags
-from fairbench.evaluate import canonical_order, evaluate_split, per_class_counts
+from fairbench.evaluation import evaluate_split
 from fairbench.lock import RunLock
-from fairbench.results import CLASSWISE_COLUMNS, write_json, write_parquet
+from fairbench.records import canonical_order, eps_suite_name, per_class_counts, with_run_labels
+from fairbench.results import CLASSWISE_COLUMNS, damaged_run_json, read_run_json, readable, write_json, write_parquet
 from fairbench.spec import ResolvedRun, RunSpec, provenance, resolve
 
 PARTIAL = "partial_eval"
 
 
 def evaluate_resumable(model: nn.Module, split: DeviceSplit, attacks: list[str], eps: float, batch_size: int,
-                       seed: int, partial_dir: Path, search: SearchSettings = SearchSettings()) -> pd.DataFrame:
-    """`evaluate_split` chunk by chunk, each chunk's records saved as soon as it is done."""
+                       seed: int, partial_dir: Path, search: SearchSettings = SearchSettings(),
+                       progress: Callable[[int, int, float], None] | None = None) -> pd.DataFrame:
+    """`evaluate_split` chunk by chunk, each chunk's records saved as soon as it is done; `progress(done,
+    total, seconds)` after each chunk evaluated here."""
     frames = []
+    t0 = time.perf_counter()
     for start in range(0, len(split), batch_size):
         first = int(split.index[start])
         path = partial_dir / f"chunk_{first:08d}_{len(split)}.parquet"
         if path.is_file():
             frames.append(pd.read_parquet(path))
             continue
-        chunk = split.subset(torch.arange(start, min(start + batch_size, len(split)), device=split.labels.device))
+        stop = min(start + batch_size, len(split))
+        chunk = split.subset(torch.arange(start, stop, device=split.labels.device))
         frame = evaluate_split(model, chunk, attacks, eps, batch_size, seed, search)
         write_parquet(path, frame)
         frames.append(frame)
+        if progress is not None:
+            progress(stop, len(split), time.perf_counter() - t0)
     return canonical_order(pd.concat(frames, ignore_index=True), attacks)
 
 
-def eval_split(resolved: ResolvedRun, dataset, device: torch.device, per_class: int | None) -> DeviceSplit:
+def eval_split(dataset: Dataset, device: torch.device, per_class: int | None) -> DeviceSplit:
+    """The test images evaluated: all, or the first `per_class` of each class (stratified)."""
     index = stratified_subset(dataset.test.labels, dataset.num_classes, per_class) if per_class else None
     full = DeviceSplit.from_arrays(dataset.test, device)
     return full if index is None else full.subset(torch.as_tensor(index, device=device))
@@ -80,7 +88,8 @@ def evaluate_epochs(trainer: Trainer, epochs: list[int], attacks: list[str], eps
         flags = model_flags(model, x, y)
         part = folder / PARTIAL / partial_name(epoch, attacks, eps, precision)
         samples = evaluate_resumable(model, split, attacks, eps, resolved.spec.eval_batch_size,
-                                     resolved.spec.seed, part, search)
+                                     resolved.spec.seed, part, search,
+                                     lambda done, total, s, e=epoch: reporter.eval_progress(f"epoch {e}", done, total, s))
         checks[str(epoch)] = epoch_checks(samples, flags, suite_eps(attacks, eps))
         samples.insert(0, "epoch", epoch)
         frames.append(samples)
@@ -91,43 +100,31 @@ def evaluate_epochs(trainer: Trainer, epochs: list[int], attacks: list[str], eps
     return pd.concat(frames, ignore_index=True), checks
 
 
-def classwise_table(samples: pd.DataFrame, resolved: ResolvedRun, class_names: tuple[str, ...],
+def classwise_table(samples: pd.DataFrame, labels: dict[str, object], class_names: tuple[str, ...],
                     eps_of: dict[str, float]) -> pd.DataFrame:
-    """The long per-class table (one row per epoch x attack x class) from per-sample records."""
+    """The long per-class table (one row per epoch x attack x class) from per-sample records; `labels` are
+    the columns that name the run (`run_labels`)."""
     frames = []
     for epoch, group in samples.groupby("epoch", sort=True):
         counts = per_class_counts(group, len(class_names))
         counts["epoch"] = epoch
         frames.append(counts)
     table = pd.concat(frames, ignore_index=True)
-    spec = resolved.spec
     table = table.assign(
-        run_id=resolved.run_id, method=spec.method, dataset=spec.dataset, arch=resolved.arch,
-        protocol=resolved.protocol_id, seed=spec.seed,
         eps=table["attack"].map(lambda a: eps_of.get(a, eps_of.get(a.split("+")[0]))).astype(float),
-        class_name=np.asarray(class_names, dtype=object)[table["class_id"].to_numpy()], **provenance(resolved))
+        class_name=np.asarray(class_names, dtype=object)[table["class_id"].to_numpy()], **labels)
     return table[CLASSWISE_COLUMNS]
+
+
+def run_labels(resolved: ResolvedRun) -> dict[str, object]:
+    """The columns that name a trained run in its per-class table."""
+    spec = resolved.spec
+    return {"run_id": resolved.run_id, "method": spec.method, "dataset": spec.dataset, "arch": resolved.arch,
+            "protocol": resolved.protocol_id, "seed": spec.seed, **provenance(resolved)}
 
 
 def suite_eps(attacks: list[str], eps: float) -> dict[str, float]:
     return {"clean": 0.0, **{a: create_attack(a, eps).eps for a in attacks if a != "clean"}}
-
-
-def eps_label(eps: float) -> str:
-    """'4/255' (radii are written in 1/255 steps), '0.5/255' otherwise: short, exact enough to tell apart."""
-    return f"{eps * 255:.6g}/255"
-
-
-def eps_suite_name(attack: str, eps: float) -> str:
-    """The stored name of `attack` evaluated at `eps` in an eps sweep, e.g. 'pgd20@4/255'. Results are keyed
-    by (epoch, suite), so each radius needs its own name or the sweep's points overwrite each other."""
-    return f"{attack}@{eps_label(eps)}"
-
-
-def split_suite_name(name: str) -> tuple[str, str | None]:
-    """'pgd20@4/255' -> ('pgd20', '4/255'); 'pgd20' -> ('pgd20', None)."""
-    attack, sep, label = name.partition("@")
-    return attack, (label if sep else None)
 
 
 def select_epochs(available: list[int], which: str) -> list[int]:
@@ -148,32 +145,33 @@ def select_epochs(available: list[int], which: str) -> list[int]:
     return wanted
 
 
+EVAL_TAKES = ("`fairbench eval` takes a run folder, a results folder or a checkpoint RUN/checkpoints/epoch_NNNN.pt "
+              "written by `fairbench run`")
+
+
 def checkpoint_epoch(path: Path) -> int:
-    """The epoch of a checkpoint file inside a run folder (RUN/checkpoints/epoch_NNNN.pt)."""
+    """The epoch of a checkpoint file inside a run folder (RUN/checkpoints/epoch_NNNN.pt). Anything else is
+    refused with what eval takes: a file alone says neither method, dataset nor arch (run.json does)."""
     found = list_checkpoints(path.parent)
     epoch = next((e for e, p in found.items() if p.name == path.name), None)
-    if epoch is None or path.parent.name != "checkpoints" or not (path.parent.parent / "run.json").is_file():
-        raise FairbenchError(f"{path}: `fairbench eval` takes a run folder, a results folder or a checkpoint "
-                             f"RUN/checkpoints/epoch_NNNN.pt written by `fairbench run`; this file is none of them")
-    return epoch
+    in_run = path.parent.name == "checkpoints" and (path.parent.parent / "run.json").is_file()
+    if epoch is not None and in_run:
+        return epoch
+    if in_run:
+        raise FairbenchError(f"{path}: {EVAL_TAKES}; this file lies in a run's checkpoints folder but is not named "
+                             f"epoch_NNNN.pt (renamed?). Give it back its epoch_NNNN.pt name, or evaluate the run "
+                             f"folder {path.parent.parent} with --checkpoints EPOCH")
+    raise FairbenchError(f"{path}: {EVAL_TAKES}; this file is none of them (a checkpoint outside its run folder, or a "
+                         f"plain state_dict, says neither method, dataset nor architecture: eval reads those from "
+                         f"the run's run.json). Evaluate the run folder it came from")
 
 
 def load_run_spec(folder: Path) -> tuple[RunSpec, dict]:
-    path = folder / "run.json"
-    if not path.is_file():
-        raise FairbenchError(f"{folder} is not a finished fairbench run (no run.json); train it with `fairbench run`")
-    damaged = (f"{path} is damaged ({{}}); restore it from a copy, or train the run again with `fairbench run` "
-               f"(its checkpoints stay)")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise FairbenchError(damaged.format(f"not readable JSON: {err}")) from err
-    if not isinstance(meta, dict) or not isinstance(meta.get("spec"), dict) or "run_id" not in meta:
-        raise FairbenchError(damaged.format("no run_id or run spec in it"))
+    meta = read_run_json(folder)
     try:
         return RunSpec.from_dict(meta["spec"]), meta
     except (TypeError, ValueError) as err:
-        raise FairbenchError(damaged.format(f"its run spec does not fit this fairbench: {err}")) from err
+        raise damaged_run_json(folder, f"its run spec does not fit this fairbench: {err}") from err
 
 
 @dataclasses.dataclass
@@ -202,22 +200,42 @@ def open_run(folder: Path, checkpoints: str, per_class: int | None = None, data_
     if resolved.run_id != meta["run_id"]:
         raise FairbenchError(f"{folder}: the stored configuration resolves to {resolved.run_id}, not "
                              f"{meta['run_id']} (another fairbench version?); evaluate with the version that trained it")
-    dataset = load_dataset(spec.dataset, spec.data_dir)
+    dataset = load_run_dataset(spec, meta, folder)
+    recorded = meta.get("data_fingerprint")
+    if recorded and dataset.fingerprint() != recorded:
+        raise FairbenchError(f"{folder.name} was trained on other {spec.dataset} data: its run.json records data "
+                             f"fingerprint {recorded}, the data read now gives {dataset.fingerprint()} (a different "
+                             "or damaged copy); point --data-dir at the data it was trained on. Nothing was changed.")
     trainer = Trainer.build(resolved, dataset, select_device(device))
     epochs = select_epochs(sorted(list_checkpoints(folder / "checkpoints")), checkpoints)
     if n_examples and not per_class:  # about N images: the first N/C of each class
         per_class = max(1, n_examples // dataset.num_classes)
-    split = eval_split(resolved, dataset, trainer.device, per_class)
+    split = eval_split(dataset, trainer.device, per_class)
     return OpenedRun(folder, meta, resolved, dataset, trainer, epochs, split)
+
+
+def load_run_dataset(spec: RunSpec, meta: dict, folder: Path) -> Dataset:
+    """The run's dataset from --data-dir if given, else from the data root the run was trained with
+    (run.json's `data_dir` hint), else the default root."""
+    hint = meta.get("data_dir") if not spec.data_dir else None
+    try:
+        return load_dataset(spec.dataset, spec.data_dir or hint)
+    except DataNotFoundError as err:
+        if not hint:
+            raise
+        raise DataNotFoundError(f"{err} (the data root {hint} is the one {folder.name} was trained with, from its "
+                                f"run.json; pass --data-dir to read the data from elsewhere)") from err
 
 
 def evaluate_run(folder: Path, attacks: list[str], checkpoints: str = "last5", per_class: int | None = None,
                  eps: float | None = None, data_dir: str | None = None, device: str = "auto",
                  reporter: Reporter | None = None, label_eps: bool = False,
-                 n_examples: int | None = None, precision: str | None = None, wait: bool = True) -> Path:
+                 n_examples: int | None = None, precision: str | None = None, wait: bool = True,
+                 force: bool = False) -> Path:
     """Add the records of `attacks` on the chosen checkpoints of a finished run to its result files, under
     the run's lock (a second evaluation of the same run waits, or with `wait` off raises `RunLockedError`):
     its files are read after the lock is taken, so concurrent evaluations never lose each other's rows.
+    Rows of a suite on more test samples than this evaluation has are replaced only with `force`.
 
     `label_eps`: store each suite as `eps_suite_name` (e.g. 'pgd20@4/255'), so evaluations at several radii
     (an eps sweep) sit side by side instead of replacing each other and the run's own 'pgd20' rows. A radius
@@ -228,29 +246,62 @@ def evaluate_run(folder: Path, attacks: list[str], checkpoints: str = "last5", p
     run_folder = folder.parent.parent if folder.suffix == ".pt" else folder
     with RunLock(run_folder, "evaluation", say=reporter.message).hold(wait):
         return _evaluate_locked(folder, attacks, checkpoints, per_class, eps, data_dir, device, reporter,
-                                label_eps, n_examples, precision)
+                                label_eps, n_examples, precision, force)
 
 
 def _evaluate_locked(folder: Path, attacks: list[str], checkpoints: str, per_class: int | None, eps: float | None,
                      data_dir: str | None, device: str, reporter: Reporter, label_eps: bool,
-                     n_examples: int | None, precision: str | None) -> Path:
+                     n_examples: int | None, precision: str | None, force: bool = False) -> Path:
     run = open_run(folder, checkpoints, per_class, data_dir, device, n_examples)
+    records = run.folder / "samples.parquet"
+    if records.is_file() and not readable(records):
+        raise FairbenchError(f"{records} cannot be read (a damaged copy or an interrupted transfer); the new records "
+                             "would be merged into it and its own records lost. Restore it from a copy, or train the "
+                             "run again under another --out. Nothing was changed.")
     spec = run.resolved.spec
     eps = spec.eval_eps if eps is None else eps
     label_eps = label_eps or eps != spec.eval_eps
+    names = None
+    if label_eps:
+        names = {a: eps_suite_name(a, e) for a, e in suite_eps(attacks, eps).items() if a != "clean"}
+    suites = [(names or {}).get(a, a) for a in attacks if a != "clean"]
+    keep_larger(run.folder, run.epochs, suites, len(run.split), force, reporter)
     reporter.message(f"{run.resolved.run_id}: {', '.join(attacks)} on epochs {run.epochs}, "
                      f"{len(run.split)} test samples")
     t0 = time.perf_counter()
     precision = precision or spec.attack_precision
     samples, checks = evaluate_epochs(run.trainer, run.epochs, [a for a in attacks if a != "clean"], eps, run.split,
                                       run.folder, reporter, precision)
-    names = None
-    if label_eps:
-        names = {a: eps_suite_name(a, e) for a, e in suite_eps(attacks, eps).items() if a != "clean"}
+    if names:
         samples["suite"] = samples["suite"].map(lambda suite: names.get(suite, suite))
     merge_results(run.folder, samples, run.resolved, run.dataset.class_names, run.meta, attacks, eps,
                   time.perf_counter() - t0, names, precision, checks)
     return run.folder
+
+
+def keep_larger(folder: Path, epochs: list[int], suites: list[str], count: int, force: bool,
+                reporter: Reporter) -> None:
+    """Refuse, before any attack runs, to replace stored rows of a suite on more test samples than `count`
+    (a quick `--n-examples 50` would silently shrink a 1,000-sample AutoAttack evaluation); `force` replaces."""
+    try:
+        stored = pd.read_parquet(folder / "samples.parquet", columns=["epoch", "suite"])
+    except Exception:  # noqa: BLE001 - an unreadable file is the merge's to report, not this check's
+        return
+    sizes = stored[stored["epoch"].isin(epochs) & stored["suite"].isin(suites)].groupby(["suite", "epoch"]).size()
+    larger = sizes[sizes > count]
+    if larger.empty:
+        return
+    what = "; ".join(f"{suite} of epoch(s) {', '.join(str(e) for e in g.index.get_level_values('epoch'))} on "
+                     f"{'/'.join(sorted({str(n) for n in g}))} test samples"
+                     for suite, g in larger.groupby(level="suite"))
+    most = int(larger.max())
+    if force:
+        reporter.message(f"  --force: replacing the stored rows ({what}) with rows on {count} test samples")
+        return
+    raise FairbenchError(f"{folder}: this evaluation has {count} test samples and would replace stored rows of a "
+                         f"larger one ({what}). Nothing was changed. Evaluate at least {most} samples "
+                         f"(--n-examples {most}, or no --n-examples for the whole test set), or pass --force to "
+                         f"replace them with the {count}-sample rows")
 
 
 def merge_samples(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
@@ -277,7 +328,7 @@ def merge_results(folder: Path, samples: pd.DataFrame, resolved: ResolvedRun, cl
     merged = merge_samples(pd.read_parquet(folder / "samples.parquet"), samples)
     eps_of = {**{name: float(s["eps"]) for name, s in meta.get("attacks", {}).items() if "eps" in s},
               **{names.get(a, a): e for a, e in suite_eps(attacks, eps).items()}}
-    classwise = classwise_table(merged, resolved, class_names, eps_of)
+    classwise = classwise_table(merged, run_labels(resolved), class_names, eps_of)
     meta = dict(meta)
     meta.setdefault("attacks", {}).update(
         {names.get(a, a): create_attack(a, eps).settings() for a in attacks if a != "clean"})
@@ -290,7 +341,7 @@ def merge_results(folder: Path, samples: pd.DataFrame, resolved: ResolvedRun, cl
     same = {k: evaluation.get(k) for k in ("attacks", "eps", "attack_precision", "epochs", "suites")}
     earlier = [e for e in meta.get("evaluations", []) if {k: e.get(k) for k in same} != same]
     meta["evaluations"] = [*earlier, evaluation]  # rerun after a kill between the files: one entry, not two
-    write_parquet(folder / "samples.parquet", merged)
+    write_parquet(folder / "samples.parquet", with_run_labels(merged, run_labels(resolved)))
     write_json(folder / "run.json", meta)
     write_parquet(folder / "classwise.parquet", classwise, meta)
     shutil.rmtree(folder / PARTIAL, ignore_errors=True)

@@ -11,10 +11,14 @@
     [scale.smoke]               # overrides of [grid] for `--scale smoke`
     datasets = ["digits"]
 
-Runs are keyed by a hash of their resolved configuration, so re-running a grid skips finished runs.
+Every RunSpec field is a key (its name, or the plural of a listed one: methods, datasets, archs, seeds; `set`
+for the method hyperparameters), except the machine's: data_dir, device, amp and channels_last come from the
+command line (`fairbench.runspec.OPTIONS`). Runs are keyed by a hash of their resolved configuration, so
+re-running a grid skips finished runs.
 """
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from itertools import product
 from pathlib import Path
@@ -22,11 +26,11 @@ from typing import Any
 
 from fairbench.config import parse_number
 from fairbench.errors import FairbenchError, UnknownNameError
+from fairbench.runspec import RunOption, axes, from_grid, grid_options, required_axes
 from fairbench.spec import RunSpec, check_overrides
 
-LIST_KEYS = ("methods", "datasets", "archs", "seeds")
-SCALAR_KEYS = ("epochs", "batch_size", "lr", "schedule", "weight_decay", "protocol", "train_per_class",
-               "eval_per_class", "eval_last", "hot_start_epochs", "eval_eps")
+TEXT_KEYS = ("name", "description")
+"""Keys that describe the grid, not its runs."""
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
@@ -51,49 +55,67 @@ def grid_settings(config: dict[str, Any], scale: str | None) -> dict[str, Any]:
         extra = dict(scales[scale])
         settings["set"] = {**settings.get("set", {}), **extra.pop("set", {})}
         settings.update(extra)
-    unknown = set(settings) - set(LIST_KEYS) - set(SCALAR_KEYS) - {"set", "attacks", "name", "description"}
+    keys = grid_options()
+    unknown = set(settings) - set(keys) - set(TEXT_KEYS)
     if unknown:
-        raise UnknownNameError("grid key", sorted(unknown)[0], [*LIST_KEYS, *SCALAR_KEYS, "set", "attacks"])
+        raise UnknownNameError("grid key", sorted(unknown)[0], list(keys))
     check_types(settings)
-    for key in ("methods", "datasets"):
+    for key in (o.grid_key for o in required_axes()):
         if not settings.get(key):
             raise FairbenchError(f"the grid names no {key}")
     return settings
 
 
-INT_KEYS = ("epochs", "batch_size", "train_per_class", "eval_per_class", "eval_last", "hot_start_epochs")
-NUMBER_KEYS = ("lr", "weight_decay")
-TEXT_KEYS = ("schedule", "protocol", "name", "description")
-
-
 def check_types(settings: dict[str, Any]) -> None:
     """Every grid value of the type its key needs (TOML lets `epochs = "abc"` or `methods = "trades"` through)."""
-    def fail(key: str, wanted: str) -> None:
-        raise FairbenchError(f"grid key {key} expects {wanted}, got {settings[key]!r}")
+    keys = grid_options()
+    for key, value in settings.items():
+        if key in TEXT_KEYS:
+            wanted = None if isinstance(value, str) else "a string"
+        else:
+            wanted = _type_error(keys[key], value) if key in keys else None
+        if wanted:
+            raise FairbenchError(f"grid key {key} expects {wanted}, got {value!r}")
 
-    for key in LIST_KEYS + ("attacks",):
-        if key not in settings:
-            continue
-        value = settings[key]
-        if key == "seeds":
-            if not isinstance(value, list) or not all(_is_int(v) and v >= 0 for v in value):
-                fail(key, "a list of integers >= 0, like [1, 2, 3]")
-        elif not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            fail(key, f'a list of names, like ["{"trades" if key == "methods" else "name"}"]')
-    for key in INT_KEYS:
-        if key in settings and not _is_int(settings[key]):
-            fail(key, "an integer")
-    for key in NUMBER_KEYS:
-        if key in settings and (isinstance(settings[key], bool) or not isinstance(settings[key], (int, float))):
-            fail(key, "a number")
-    for key in TEXT_KEYS:
-        if key in settings and not isinstance(settings[key], str):
-            fail(key, "a string")
-    if "eval_eps" in settings and (isinstance(settings["eval_eps"], bool)
-                                   or not isinstance(settings["eval_eps"], (int, float, str))):
-        fail("eval_eps", 'a number or a fraction like "8/255"')
-    if not isinstance(settings.get("set", {}), dict):
-        fail("set", "a table of method hyperparameters")
+
+def _type_error(option: RunOption, value: Any) -> str | None:
+    """What a grid value of `option` should have been, or None if it is of the right type."""
+    if option.axis and option.kind is int:
+        ok = isinstance(value, list) and all(_is_int(v) and v >= 0 for v in value)
+        return None if ok else "a list of integers >= 0, like [1, 2, 3]"
+    if option.axis or option.kind is tuple:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        return None if ok else f'a list of names, like ["{"trades" if option.name == "method" else "name"}"]'
+    wanted = {int: "an integer", float: 'a number or a fraction like "8/255"', bool: "true or false",
+              str: "a string", dict: "a table of method hyperparameters"}[option.kind]
+    return None if _is_type(value, option.kind) else wanted
+
+
+def _is_type(value: Any, kind: type) -> bool:
+    """A TOML value of a field's kind: no bool for a number; a float may be written as "8/255"."""
+    if isinstance(value, bool) and kind is not bool:
+        return False
+    if kind is float:
+        return isinstance(value, (int, float)) or isinstance(value, str) and _is_fraction(value)
+    return isinstance(value, kind)
+
+
+def _is_fraction(text: str) -> bool:
+    try:
+        parse_number(text)
+    except FairbenchError:
+        return False
+    return True
+
+
+def with_replaced(settings: dict[str, Any], replace: dict[str, Any]) -> dict[str, Any]:
+    """`settings` with the keys of `replace` replaced; its `set` table merged into the grid's (whose
+    `method.key` entries go with their method when `replace` picks other methods)."""
+    out = {**settings, **{k: v for k, v in replace.items() if k != "set"}}
+    kept = {k: v for k, v in settings.get("set", {}).items()
+            if "methods" not in replace or "." not in k or k.rpartition(".")[0] in replace["methods"]}
+    out["set"] = {**kept, **replace.get("set", {})}
+    return out
 
 
 def _is_int(value: Any) -> bool:
@@ -106,15 +128,21 @@ def grid_name(config: dict[str, Any], scale: str | None) -> str:
     return f"{name}-{scale}" if scale else name
 
 
-def grid_specs(config: dict[str, Any], scale: str | None = None, **common: Any) -> list[RunSpec]:
-    """One RunSpec per (dataset, arch, method, seed); `common` adds run options (data_dir, device...)."""
-    s = grid_settings(config, scale)
-    overrides = {str(k): str(v) for k, v in s.get("set", {}).items()}
-    check_overrides(overrides, list(s["methods"]))
-    scalars = {k: s[k] for k in SCALAR_KEYS if k in s}
-    if "eval_eps" in scalars:
-        scalars["eval_eps"] = parse_number(str(scalars["eval_eps"]))
-    attacks = tuple(s.get("attacks", ["pgd20"]))
-    return [RunSpec(method=m, dataset=d, seed=seed, arch=a, overrides=overrides, attacks=attacks,
-                    **scalars, **common)
-            for d, a, m, seed in product(s["datasets"], s.get("archs", [None]), s["methods"], s.get("seeds", [1]))]
+def grid_specs(config: dict[str, Any], scale: str | None = None, replace: dict[str, Any] | None = None,
+               **common: Any) -> list[RunSpec]:
+    """One RunSpec per (dataset, arch, method, seed); `replace` overrides grid keys after the scale (the
+    command line's grid options; its `set` is merged into the grid's), `common` adds run options (data_dir,
+    device...)."""
+    s = with_replaced(grid_settings(config, scale), replace or {})
+    return run_specs({o.name: from_grid(o, s[key]) for key, o in grid_options().items() if key in s} | common)
+
+
+def run_specs(values: dict[str, Any]) -> list[RunSpec]:
+    """One RunSpec per combination of the axes' lists (dataset, arch, method, seed; a missing axis holds the
+    field's default), every other field as given; method hyperparameters checked against the methods."""
+    check_overrides(values.get("overrides", {}), list(values["method"]))
+    defaults = {f.name: f.default for f in dataclasses.fields(RunSpec)}
+    loops = [o.name for o in axes()]
+    fixed = {k: v for k, v in values.items() if k not in loops}
+    return [RunSpec(**fixed, **dict(zip(loops, combo)))
+            for combo in product(*(values.get(name, [defaults[name]]) for name in loops))]

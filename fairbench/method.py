@@ -2,11 +2,11 @@
 
 A method never owns the loop: the engine calls its hooks, checkpoints its `state_dict`, and offers
 the services several methods share (a held-out validation split, a per-sample memory of adversarial
-probabilities, class-wise accuracy on a split, a seeded generator).
+probabilities, class-wise accuracy on a split, a seeded generator). A method declares the services it uses
+in one place, `services = Services(...)`; `fairbench.engine.build_context` allocates exactly those.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -79,35 +79,41 @@ class SampleMemory:
         return sums / counts
 
 
+@dataclass(frozen=True)
+class Services:
+    """The engine services a method uses, declared once as the class attribute `services`."""
+
+    sample_memory: bool = False
+    """`ctx.memory`: one probability vector per training sample (DAFA and TRIX fill it in their warm-up epoch)."""
+    validation: ValidationSpec | None = None
+    """`ctx.val_split`: this share of each class is held out of training (FRL, WAT, CFA, FAIR-TAT)."""
+
+
 @dataclass
 class RunContext:
-    """What a method may use. Built by the engine; methods read it, they do not construct it."""
+    """What a method may use. Built by `fairbench.engine.build_context`; methods read it, they do not construct it.
+
+    The model is not part of it: `training_loss` and the epoch hooks receive it as an argument.
+    """
 
     num_classes: int
     device: torch.device
     epochs: int
-    dataset: str
-    class_names: tuple[str, ...]
-    dafa_lambda: float
-    """The dataset's DAFA/TRIX weight strength (1.0 CIFAR-10, 1.5 CIFAR-100/STL-10/Tiny-ImageNet)."""
-    num_train: int
+    generator: torch.Generator
+    """Seeded per epoch on the device: draw attack noise and targets from it, never from the global RNG."""
     epoch: int = 0
     """Current epoch, counted from 1 as in the DAFA/TRIX/TRADES code."""
-    generator: torch.Generator | None = None
-    """Seeded per epoch on the device: draw attack noise and targets from it, never from the global RNG."""
     memory: SampleMemory | None = None
-    """Allocated when the method declares `needs = {"sample_memory"}`."""
+    """Allocated when the method declares `Services(sample_memory=True)`."""
     val_split: "DeviceSplit | None" = None
-    """Allocated when the method declares a `validation` spec."""
+    """Allocated when the method declares `Services(validation=ValidationSpec(...))`."""
     eval_batch_size: int = 256
-    model: nn.Module | None = None
-    """The model being trained, for epoch-level hooks (validation statistics, weight averaging)."""
 
     def classwise_accuracy(self, model: nn.Module, split: "DeviceSplit",
                            attack: "str | EvalAttack | None" = None, eps: float = 8 / 255) -> Tensor:
         """Per-class accuracy (C,) of `model` on `split`: clean, or under an attack given by registered name
         (at radius `eps`) or as an `EvalAttack` instance (e.g. ``PGD(8/255, steps=20, alpha=2/255)``)."""
-        from fairbench.evaluate import classwise_accuracy
+        from fairbench.evaluation import classwise_accuracy
 
         return classwise_accuracy(model, split, self.num_classes, attack, self.eval_batch_size,
                                   seed=self.epoch, eps=eps)
@@ -121,9 +127,8 @@ class FairAT:
     """One line shown by `fairbench methods`."""
     Config: ClassVar[type] = object
     """A dataclass of hyperparameters with the paper's defaults, one docstring per field."""
-    needs: ClassVar[frozenset[str]] = frozenset()
-    """Engine services to allocate: "sample_memory"."""
-    validation: ClassVar[ValidationSpec | None] = None
+    services: ClassVar[Services] = Services()
+    """Engine services to allocate (sample memory, validation split); the default asks for none."""
     official_protocol: ClassVar[dict[str, Any]] = {}
     """The official code's optimisation (epochs, lr, schedule, weight_decay, nesterov, momentum, batch_size, arch),
     used with ``--protocol official``; by default every method runs under the common TRADES protocol."""
@@ -131,20 +136,24 @@ class FairAT:
     """A method whose finished run (same dataset, arch, seed) provides the start weights (FRL fine-tunes a
     TRADES model); its `official_protocol` then describes the fine-tuning stage and always applies."""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _refuse_older_interface(cls)
+
     def __init__(self, config: Any | None = None):
         self.config = config if config is not None else self.Config()
 
     def setup(self, ctx: RunContext) -> None:
         """Allocate per-class state on `ctx.device`."""
 
-    def on_epoch_start(self, epoch: int, ctx: RunContext) -> None:
-        """Called before the first batch of `epoch` (1-indexed)."""
+    def on_epoch_start(self, epoch: int, model: nn.Module, ctx: RunContext) -> None:
+        """Called before the first batch of `epoch` (1-indexed) with the model being trained."""
 
     def training_loss(self, model: nn.Module, batch: Batch, ctx: RunContext) -> StepOut:
         raise NotImplementedError(f"{type(self).__name__} must define training_loss (abstract)")
 
-    def on_epoch_end(self, epoch: int, ctx: RunContext) -> None:
-        """Called after the last batch of `epoch`, before the checkpoint is written."""
+    def on_epoch_end(self, epoch: int, model: nn.Module, ctx: RunContext) -> None:
+        """Called after the last batch of `epoch` with the model being trained, before the checkpoint is written."""
 
     def eval_model(self, model: nn.Module) -> nn.Module:
         """The model to evaluate and report; CFA returns its weight-averaged copy."""
@@ -158,5 +167,17 @@ class FairAT:
         if state:
             raise ValueError(f"{type(self).__name__} has no state but the checkpoint holds {sorted(state)}")
 
-    def config_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else {}
+
+def _refuse_older_interface(cls: type) -> None:
+    """A method written for the interface before `services` and the explicit model fails at import, by name,
+    instead of training without its services or failing in the first epoch hook."""
+    import inspect
+
+    old = [name for name in ("needs", "validation") if name in vars(cls)]
+    if old:
+        raise TypeError(f"{cls.__name__} declares {' and '.join(old)}; declare engine services in one place: "
+                        "services = Services(sample_memory=True, validation=ValidationSpec(...))")
+    for hook in ("on_epoch_start", "on_epoch_end"):
+        if hook in vars(cls) and len(inspect.signature(vars(cls)[hook]).parameters) == 3:  # (self, epoch, ctx)
+            raise TypeError(f"{cls.__name__}.{hook} takes (self, epoch, ctx); the engine now passes the model: "
+                            f"def {hook}(self, epoch, model, ctx)")

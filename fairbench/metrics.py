@@ -1,4 +1,4 @@
-"""Class-wise accuracy metrics and the fairness score rho (see specs/metrics.md).
+"""Class-wise accuracy metrics and the fairness score rho (docs/metrics.md).
 
 Pure functions on numpy arrays: no I/O, no pandas. Accuracies are fractions in [0, 1] here;
 `fairbench.tables` converts to percent. rho is scale-free, so it accepts either.
@@ -101,7 +101,7 @@ def rho(
 
     variant "dafa" (default, reproduces all 30 values of DAFA's table):
         (worst - base_worst)/base_worst - (base_avg - avg)/base_avg
-    variant "worst_minus_avg" (matches some TRIX Table 1a entries, see metrics.md 5.1):
+    variant "worst_minus_avg" (matches some TRIX Table 1a entries, see docs/metrics.md §6):
         (worst - base_worst)/base_worst - (avg - base_avg)/base_avg
     Undefined (base_worst == 0, base_avg == 0 or a missing value) gives NaN, never inf; no epsilon
     is added. Use `rho_undefined_reason` to say why. Scalars in -> float out, arrays broadcast.

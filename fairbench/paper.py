@@ -2,10 +2,11 @@
 
 - `paper_layout`: our numbers in the paper's layout (its methods in its order, its columns, one block per
   dataset / arch), mean ± std over seeds, the best entry of each column in bold; `format_paper_layout`
-  renders it as markdown, LaTeX (booktabs), CSV or rich.
+  renders it as markdown, LaTeX (booktabs), CSV or rich, with the fairness tables' renderer
+  (`tables.format_groups`), as every formatter here does.
 - `compare_with_paper`: ours beside the published numbers (`fairbench.reference`), difference ours - paper.
 - `check_reference_rho`: recompute each published rho from the published averages and worsts with both
-  conventions of `metrics.rho`; the TRIX tables mix them (metrics.md 5.1), so this says which entry needs
+  conventions of `metrics.rho`; the TRIX tables mix them (docs/metrics.md §6), so this says which entry needs
   which, and flags the ones neither reproduces.
 
 rho in our layouts always uses one formula (`rho_variant`, DAFA's by default): we never switch formulas per
@@ -20,11 +21,10 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pandas as pd
 
-from fairbench import metrics, tables
+from fairbench import metrics, stats, tables
 from fairbench.errors import FairbenchError, UnknownNameError
 from fairbench.reference import load_reference, reference_wide
 
-Cells = list[list[tuple[str, bool]]]  # (text, bold) per cell, per row
 MISSING = "–"  # a method or dataset the results do not have
 FORMATS = tables.FORMATS
 RHO_TOL = 0.005
@@ -36,7 +36,7 @@ HEADERS = {"clean_avg": "Avg Clean", "clean_worst": "Worst Clean", "rho_clean": 
 DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "stl10": "STL-10",
                  "tinyimagenet": "Tiny-ImageNet"}
 ARCH_NAMES = {"resnet18": "ResNet-18", "preact_resnet18": "PreActResNet-18", "wrn28_10": "WideResNet-28-10"}
-ATTACK_NAMES = {"aa": "AutoAttack", "pgd20": "PGD-20"}
+ATTACK_NAMES = {"aa": "AutoAttack", "pgd20": "PGD-20", "pgd": "PGD"}
 
 
 @dataclass(frozen=True)
@@ -155,8 +155,21 @@ def paper_layout(
     attack = attack or t.attack
     blocks = [blk for b in t.blocks for blk in _layout_blocks(ft, b, t, attack)]
     notes = [*stand_in, *_protocol_notes(ft, t, last_k, baseline, rho_variant), *t.notes,
-             *_convention_notes([r for b in t.blocks for r in b.refs])]
+             *_convention_notes([r for b in t.blocks for r in b.refs]),
+             *_significance_notes(results_table, blocks, t, last_k, baseline)]
     return PaperLayout(t.name, t.columns, column_headers(t), blocks, notes)
+
+
+def _significance_notes(results: pd.DataFrame, blocks: list[LayoutBlock], t: PaperTable, last_k: int | None,
+                        baseline: str) -> list[str]:
+    """TRIX against the baseline per block, paired over the seeds both have (docs/statistics.md): whether a
+    difference the layout shows is more than seed noise. Needs the per-class results (a fairness table alone
+    has no per-seed values)."""
+    if set(tables.TABLE_COLUMNS) <= set(results.columns):
+        return []
+    texts = stats.significance_notes(tables.suite_run_metrics(results, last_k, t.worst), "trix", baseline)
+    keys = [(b.caption, (b.dataset, b.arch, b.protocol, b.attack)) for b in blocks]
+    return [f"significance, {caption}: {texts[key]}" for caption, key in keys if key in texts]
 
 
 def _stand_in_notes(ft: pd.DataFrame, t: PaperTable, attack: str | None) -> list[str]:
@@ -269,16 +282,16 @@ def _protocol_notes(ft: pd.DataFrame, t: PaperTable, last_k: int | None, baselin
              "was used"]
     if t.worst == "min20":
         notes.append("worst = mean of the lowest 20% of classes, chosen per run and checkpoint "
-                     "(metrics.md 4)")
+                     "(docs/metrics.md §4)")
     if "rho_clean" in t.columns:
         variant = ft.attrs.get("rho_variant", rho_variant)
         notes.append(f"ours: rho by the {variant!r} formula against {ft.attrs.get('baseline', baseline)} of "
-                     "the same protocol (metrics.md 5), one formula for every entry")
+                     "the same protocol (docs/metrics.md §5), one formula for every entry")
     return notes
 
 
 def _convention_notes(refs: list[str]) -> list[str]:
-    """Which published rho entries of these tables need which convention (metrics.md 5.1 asks for this)."""
+    """Which published rho entries of these tables need which convention (docs/metrics.md §6)."""
     check = check_reference_rho("trix")
     check = check[check["table"].isin(refs)]
     notes = []
@@ -292,7 +305,7 @@ def _convention_notes(refs: list[str]) -> list[str]:
             cut = int((flagged["truncated"] != "").sum())
             why = f"{cut} of them by a convention truncated instead of rounded; " if cut else ""
             text += (f"; reproduced by neither: {_entry_list(flagged)} ({why}numbers: "
-                     "`fairbench table --check-reference`)")
+                     "`fairbench paper check-reference`)")
         notes.append(text)
     return notes
 
@@ -323,73 +336,26 @@ def _cell(row: pd.Series, column: str) -> str:
     return tables.fmt_mean_std(row[f"{column}_mean"], row[f"{column}_std"])
 
 
-def _cells(layout: PaperLayout, block: LayoutBlock) -> Cells:
-    """(text, bold) per cell, label first, for every row of a block."""
-    return [[(str(r["label"]), False)] + [(_cell(r, c), bool(r[f"{c}_best"])) for c in layout.columns]
+def _cells(layout: PaperLayout, block: LayoutBlock) -> list[list[str]]:
+    """Cell texts, label first, for every row of a block; the best of each column `tables.Bold`."""
+    return [[str(r["label"])] + [_bold(_cell(r, c), r[f"{c}_best"]) for c in layout.columns]
             for _, r in block.rows.iterrows()]
 
 
+def _bold(text: str, bold: bool) -> str:
+    return tables.Bold(text) if bold else text
+
+
 def format_paper_layout(layout: PaperLayout, fmt: str = "md"):
-    """"md"/"latex" -> one string, "csv" -> CSV text, "rich" -> a list of rich renderables."""
+    """"md"/"latex" -> one string, "csv" -> CSV text, "rich" -> a list of rich renderables (the tables'
+    renderer, `tables.format_groups`)."""
     if fmt not in FORMATS:
         raise UnknownNameError("format", fmt, list(FORMATS))
     if fmt == "csv":
         return layout_frame(layout).to_csv(index=False)
-    if fmt == "rich":
-        return _rich_layout(layout)
-    render = _md_block if fmt == "md" else _latex_block
     headers = ["Method", *layout.headers]
-    parts = [render(b.caption, headers, _cells(layout, b), b.notes) for b in layout.blocks]
-    notes = [f"% {n}" for n in layout.notes] if fmt == "latex" else [f"- {n}" for n in layout.notes]
-    return "\n\n".join(parts + ["\n".join(notes)]) + "\n"
-
-
-def _md_block(caption: str, headers: list[str], cells: Cells, notes: list[str]) -> str:
-    """Heading, pipe table with **bold** bests, notes as a list."""
-    lines = [f"### {caption}", "", "| " + " | ".join(headers) + " |",
-             "| " + " | ".join(["---"] + ["---:"] * (len(headers) - 1)) + " |"]
-    lines += ["| " + " | ".join(f"**{t}**" if b else t for t, b in row) + " |" for row in cells]
-    return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else []))
-
-
-def _latex_block(caption: str, headers: list[str], cells: Cells, notes: list[str]) -> str:
-    """A booktabs table per block, bests in \\textbf, ± as $\\pm$, "–" as an en dash."""
-    def tex(text: str, bold: bool) -> str:
-        s = tables._tex(text).replace("±", r"$\pm$").replace(MISSING, "--")
-        return rf"\textbf{{{s}}}" if bold else s
-
-    head = [tables._tex(h).replace("rho\\_clean", r"$\rho_{\mathrm{clean}}$")
-            .replace("rho\\_rob", r"$\rho_{\mathrm{rob}}$") for h in headers]
-    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{tables._tex(caption)}}}",
-             r"\begin{tabular}{l" + "r" * (len(headers) - 1) + "}", r"\toprule", " & ".join(head) + r" \\",
-             r"\midrule", *(" & ".join(tex(t, b) for t, b in row) + r" \\" for row in cells),
-             r"\bottomrule", r"\end{tabular}"]
-    if notes:
-        lines.append(r"\par\smallskip\footnotesize " + r" \\ ".join(tables._tex(n) for n in notes))
-    return "\n".join(lines + [r"\end{table}"])
-
-
-def _rich_layout(layout: PaperLayout) -> list:
-    """One rich Table per block (bests bold), then the notes."""
-    from rich.text import Text
-
-    items: list = [_rich_table(b.caption, ["Method", *layout.headers], _cells(layout, b), b.notes)
-                   for b in layout.blocks]
-    return items + [Text("\n".join(f"- {n}" for n in layout.notes))]
-
-
-def _rich_table(caption: str, headers: list[str], cells: Cells, notes: list[str]):
-    """A rich Table; bold cells as styled Text (no markup parsing of the numbers)."""
-    from rich import box
-    from rich.table import Table
-    from rich.text import Text
-
-    t = Table(title=caption, caption="\n".join(notes) or None, caption_justify="left", box=box.SIMPLE_HEAD)
-    for i, h in enumerate(headers):
-        t.add_column(h, justify="left" if i == 0 else "right")
-    for row in cells:
-        t.add_row(*(Text(text, style="bold" if bold else "") for text, bold in row))
-    return t
+    groups = [(b.caption, headers, _cells(layout, b), b.notes) for b in layout.blocks]
+    return tables.format_groups(groups, fmt, notes=layout.notes)
 
 
 # ------------------------------------------------------------------------------------- comparison
@@ -410,6 +376,7 @@ def compare_with_paper(
     diff = ours - paper. Tiny-ImageNet results are compared with both Table 5(a) and 5(b)."""
     layout = paper_layout(table_id, results_table, last_k, baseline, rho_variant, attack)
     ref = load_reference("trix")
+    refuse_mismatch(layout, ref)
     frames = []
     for block in layout.blocks:
         ours = _block_long(block, layout.columns)
@@ -423,6 +390,60 @@ def compare_with_paper(
     out["diff"] = out["ours"] - out["paper"]
     out.attrs.update(headers=dict(zip(layout.columns, layout.headers)), notes=layout.notes)
     return out[COMPARE_COLUMNS]
+
+
+def refuse_mismatch(layout: PaperLayout, ref: pd.DataFrame) -> None:
+    """Refuse to compare results of another dataset, architecture or attack with the published numbers
+    (smoke results on digits against CIFAR-10 AutoAttack): such differences look like findings and are not."""
+    measured = {t: g.iloc[0] for t, g in ref.groupby("table", sort=False)}
+    ours, theirs, why = [], [], []
+    for block in (b for b in layout.blocks if b.rows["present"].any()):
+        for table in block.refs:
+            differ = _differences(block, measured[table])
+            if differ:
+                p = measured[table]
+                ours.append(_setting(block.dataset, block.arch, block.attack))
+                theirs.append(f"{table}: {_setting(p['dataset'], p['arch'], p['attack'])}")
+                why.extend(differ)
+    if not why:
+        return
+    grid = next(t.name for t in PAPER_TABLES.values()
+                if layout.table_id == t.name or any(layout.table_id in b.refs for b in t.blocks))
+    raise FairbenchError(
+        f"--compare paper: these results ({'; '.join(dict.fromkeys(ours))}) differ from what the published "
+        f"{layout.table_id} numbers measured ({'; '.join(dict.fromkeys(theirs))}) in "
+        f"{_and(list(dict.fromkeys(why)))}, so ours - paper would mean nothing; nothing was compared. Compare "
+        f"results on the paper's dataset and architecture under its attack (`fairbench run --config "
+        f"benchmarks/paper/{grid}.toml` at paper scale, and no other --attack here), or leave out --compare to "
+        f"see these results in the paper's layout")
+
+
+def _and(words: list[str]) -> str:
+    """"dataset, architecture and attack"."""
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+def _differences(block: LayoutBlock, published: pd.Series) -> list[str]:
+    """Which of dataset, architecture and attack differ between a layout block and a published table."""
+    why = []
+    if block.dataset != published["dataset"]:
+        why.append("dataset")
+    if published["arch"] and block.arch != published["arch"]:
+        why.append("architecture")
+    if not _same_attack(block.attack, str(published["attack"])):
+        why.append("attack")
+    return why
+
+
+def _same_attack(ours: str, published: str) -> bool:
+    """The paper's "pgd" (Table 2: steps not stated) matches any of our PGD suites; other names exactly."""
+    return ours == published or (published == "pgd" and ours.startswith("pgd") and "@" not in ours)
+
+
+def _setting(dataset: str, arch: str | None, attack: str) -> str:
+    """"CIFAR-10 / ResNet-18 / AutoAttack"."""
+    return " / ".join((DATASET_NAMES.get(dataset, dataset), ARCH_NAMES.get(arch, arch) or "arch not stated",
+                       ATTACK_NAMES.get(attack, attack)))
 
 
 def _block_long(block: LayoutBlock, columns: tuple[str, ...]) -> pd.DataFrame:
@@ -444,18 +465,13 @@ def format_comparison(comparison: pd.DataFrame, fmt: str = "md"):
     if fmt == "csv":
         return comparison.to_csv(index=False)
     headers = comparison.attrs.get("headers") or {m: HEADERS[m] for m in pd.unique(comparison["metric"])}
-    blocks = []
+    groups = []
     for (table, caption), g in comparison.groupby(["table", "caption"], sort=False):
-        cells = [[(label, False)] + [(_compare_cell(rows, m), False) for m in headers]
-                 for label, rows in g.groupby("label", sort=False)]
-        blocks.append((f"{caption}: ours vs published {table}", ["Method", *headers.values()], cells))
-    notes = ["cells: ours vs paper (ours - paper); rho: ours by one formula, the paper's by mixed "
-             "conventions (see the notes of --paper and --check-reference)"]
-    if fmt == "rich":
-        from rich.text import Text
-        return [_rich_table(c, h, cells, []) for c, h, cells in blocks] + [Text("\n".join(notes))]
-    render = _md_block if fmt == "md" else _latex_block
-    return "\n\n".join([render(c, h, cells, []) for c, h, cells in blocks] + notes) + "\n"
+        cells = [[label] + [_compare_cell(rows, m) for m in headers] for label, rows in g.groupby("label", sort=False)]
+        groups.append((f"{caption}: ours vs published {table}", ["Method", *headers.values()], cells, []))
+    notes = ["cells: ours vs paper (ours - paper); rho: ours by one formula, the paper's by mixed conventions (see "
+             "the notes of `fairbench paper TABLE` and `fairbench paper check-reference`)"]
+    return tables.format_groups(groups, fmt, notes=notes)
 
 
 def _compare_cell(rows: pd.DataFrame, metric: str) -> str:
@@ -540,25 +556,20 @@ def format_rho_check(check: pd.DataFrame, fmt: str = "md"):
     if fmt == "csv":
         return check.to_csv(index=False)
     headers = ["method", "rho", "printed", "dafa", "worst-avg", "needs", "if truncated", "slack"]
-    blocks = []
+    groups = []
     for (source, table, ds, arch), g in check.groupby(["source", "table", "dataset", "arch"], sort=False):
-        cells = [[(str(v), bool(r.flagged)) for v in (
+        cells = [[_bold(str(v), r.flagged) for v in (
             r.label, r.rho.removeprefix("rho_"), f"{r.printed:.2f}", f"{r.dafa:.3f}",
             f"{r.worst_minus_avg:.3f}", r.convention, r.truncated or "-", f"{r.input_slack:.3f}")]
             for r in g.itertuples()]
-        blocks.append((f"{source} {table} ({ds} / {arch or 'arch not stated'}): {_summary(g)}", cells))
+        groups.append((f"{source} {table} ({ds} / {arch or 'arch not stated'}): {_summary(g)}", headers, cells, []))
     notes = [f"{source}: published rho recomputed, {_summary(g)}"
              for source, g in check.groupby("source", sort=False)]
     notes.append(f"needs: the rho convention that reproduces the printed value within {RHO_TOL} (dafa: "
                  "metrics.rho's default; worst-avg: worst_minus_avg; bold: neither); if truncated: the "
                  "conventions that give it when cut (not rounded) to 2 decimals; slack: how far rounding the "
                  "printed accuracies to 2 decimals can move rho (first order)")
-    if fmt == "rich":
-        from rich.text import Text
-        return [_rich_table(c, headers, cells, []) for c, cells in blocks] + [Text("\n".join(notes))]
-    render = _md_block if fmt == "md" else _latex_block
-    lines = [f"- {n}" for n in notes] if fmt == "md" else [f"% {n}" for n in notes]
-    return "\n\n".join([render(c, headers, cells, []) for c, cells in blocks] + ["\n".join(lines)]) + "\n"
+    return tables.format_groups(groups, fmt, notes=notes)
 
 
 def _summary(check: pd.DataFrame) -> str:

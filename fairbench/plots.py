@@ -3,7 +3,8 @@
 - class-wise clean and robust accuracy, one bar per method (Figures 4 and 5);
 - per-class robust accuracy against the radius eps (Figure 3), from `fairbench eval --eps-sweep`;
 - untargeted versus targeted attack success per class (Figure 1a), from the per-sample records;
-- DAFA/TRIX's class similarity matrix and the class weights derived from it (run.json method_state).
+- DAFA/TRIX's class similarity matrix and the class weights derived from it (run.json method_state);
+- which class is the worst in each seed, per method (the worst-class distribution over seeds).
 
 Every `plot_*` function is pure: tidy DataFrames / arrays in, a `matplotlib.figure.Figure` out (tests
 inspect its axes). Figures are built without pyplot, so there is no global figure state and rendering
@@ -13,8 +14,8 @@ over its last k checkpoints; then mean ± std (ddof=1) over seeds.
 """
 from __future__ import annotations
 
-import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,11 +26,11 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from fairbench.errors import FairbenchError, UnknownNameError
-from fairbench.evalrun import split_suite_name
+from fairbench import results, stats
+from fairbench.errors import FairbenchError, UnknownNameError, first_line
+from fairbench.records import split_suite_name
 from fairbench.tables import CLEAN, RUN_KEYS, load_results, run_metrics
 
-KINDS = ("classwise", "eps", "targeted", "similarity", "confusion")
 SETUP_KEYS = ["dataset", "arch", "protocol"]
 BASELINE = "trades"
 UNTARGETED = ("apgd-ce", "pgd20", "pgd100", "apgd-dlr", "cw20")
@@ -37,6 +38,8 @@ UNTARGETED = ("apgd-ce", "pgd20", "pgd100", "apgd-dlr", "cw20")
 TARGETED = ("apgd-t", "fab-t")
 MAX_ANNOTATED = 12
 """Heatmap cells carry their value up to this many classes (beyond, the numbers would not fit)."""
+MAX_WORST_CLASSES = 20
+"""The worst-class figure shows every class up to this many, beyond only the classes that were ever worst."""
 MARKERS = "osD^vP*Xhp<>"
 EPS_SWEEP_HINT = "run `fairbench eval RUN --eps-sweep 0,2,4,8,16,32`"
 
@@ -133,15 +136,22 @@ def targeted_success(samples: pd.DataFrame, untargeted: str, targeted: str, num_
 
 def adversarial_confusion(samples: pd.DataFrame, suite: str, num_classes: int,
                           epochs: Sequence[int]) -> np.ndarray:
-    """(C, C) in percent: row = true class, column = the prediction at the successful adversarial point, as a
-    share of the class's clean-correct samples the suite attacked; pooled over `epochs` (evaluation.md 9.2:
-    where the attack sends each class, DAFA's "weak classes flow into similar classes")."""
+    """(C, C + 1) in percent: row = true class, column = the prediction at the successful adversarial point,
+    and a last column for the samples that stayed correct, each as a share of the class's clean-correct
+    samples the suite attacked (a row sums to 100); pooled over `epochs` (docs/evaluation.md §10: where the
+    attack sends each class, DAFA's "weak classes flow into similar classes"). A class the suite attacked no
+    sample of has a row of NaN: unknown, not 0%."""
     s = samples[(samples["suite"] == suite) & samples["epoch"].isin(list(epochs))]
     broken = s[s["success"]]
-    counts = np.zeros((num_classes, num_classes))
+    counts = np.zeros((num_classes, num_classes + 1))
     np.add.at(counts, (broken["label"].to_numpy().astype(np.int64), broken["pred"].to_numpy().astype(np.int64)), 1)
-    attacked = attack_success_by_class(s, suite, num_classes)["attempted"].to_numpy()
-    return 100.0 * counts / np.maximum(attacked, 1)[:, None]
+    attacked = attack_success_by_class(s, suite, num_classes)["attempted"].to_numpy().astype(float)
+    counts[:, -1] = attacked - counts[:, :-1].sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(attacked[:, None] > 0, 100.0 * counts / attacked[:, None], np.nan)
+
+
+STAYED_CORRECT = "stayed correct"
 
 
 # ----------------------------------------------------------------------------------------- drawing
@@ -171,16 +181,23 @@ def _class_ticks(ax: Axes, names: Sequence[str]) -> None:
 
 
 def grouped_bars(ax: Axes, means: pd.DataFrame, stds: pd.DataFrame, colors: Sequence,
-                 labels: Sequence[str]) -> None:
-    """One group per row of `means` (a class), one bar per column (a series), std as the error bar."""
+                 labels: Sequence[str], mark_lowest: bool = False) -> None:
+    """One group per row of `means` (a class), one bar per column (a series), std as the error bar;
+    `mark_lowest`: a triangle over each series' lowest bar (its worst class)."""
     width = 0.8 / max(means.shape[1], 1)
     x = np.arange(len(means))
     for i, col in enumerate(means.columns):
         err = stds[col].to_numpy(dtype=float)
-        ax.bar(x + (i - (means.shape[1] - 1) / 2) * width, means[col].to_numpy(dtype=float), width,
-               label=labels[i], color=colors[i], edgecolor="white", linewidth=0.5,
+        values = means[col].to_numpy(dtype=float)
+        at = x + (i - (means.shape[1] - 1) / 2) * width
+        ax.bar(at, values, width, label=labels[i], color=colors[i], edgecolor="white", linewidth=0.5,
                yerr=None if np.isnan(err).all() else np.nan_to_num(err), capsize=2,
                error_kw={"elinewidth": 0.8, "ecolor": "0.25"})
+        if mark_lowest and np.isfinite(values).any():
+            k = int(np.nanargmin(values))
+            top = values[k] + (0.0 if np.isnan(err[k]) else err[k])
+            ax.plot(at[k], top + 2.0, marker="v", color=colors[i], markeredgecolor="0.2", markersize=7,
+                    linestyle="none", label="worst class" if i == 0 else None)
     _class_ticks(ax, list(means.index))
     ax.set_xlim(-0.6, len(means) - 0.4)
 
@@ -205,9 +222,10 @@ def _setup_title(summary: pd.DataFrame, what: str) -> str:
 
 
 def plot_classwise_bars(summary: pd.DataFrame, attack: str, methods: Sequence[str] | None = None,
-                        title: str | None = None) -> Figure:
-    """Figures 4/5: per class one bar per method, clean accuracy and robust accuracy under `attack`.
-    `summary` is the `classwise_summary` of one setup (dataset, arch, protocol)."""
+                        title: str | None = None, n_per_class: str = "", zoom: bool = False) -> Figure:
+    """Figures 4/5: per class one bar per method, clean accuracy and robust accuracy under `attack`, each
+    method's worst class marked. `summary` is the `classwise_summary` of one setup (dataset, arch, protocol);
+    `n_per_class` goes under the class axis; `zoom` fits each panel's y-axis to its data, not 0-100."""
     methods = list(methods or pd.unique(summary["method"]))
     n_classes = summary["class_id"].nunique()
     panel = 0.12 * n_classes * (len(methods) + 1) + 1.0  # inches for one panel of grouped bars
@@ -218,18 +236,51 @@ def plot_classwise_bars(summary: pd.DataFrame, attack: str, methods: Sequence[st
     for ax, suite, label in panels:
         rows = summary[(summary["attack"] == suite) & summary["method"].isin(methods)]
         grouped_bars(ax, _class_table(rows, "method", "mean", methods, classes),
-                     _class_table(rows, "method", "std", methods, classes), colors, methods)
+                     _class_table(rows, "method", "std", methods, classes), colors, methods, mark_lowest=True)
         _percent_axis(ax, label)
-        ax.set_xlabel("class")
+        if zoom and len(rows):
+            low = float((rows["mean"] - rows["std"].fillna(0)).min())
+            high = float((rows["mean"] + rows["std"].fillna(0)).max())
+            ax.set_ylim(max(0.0, low - 5.0), min(105.0, high + 6.0))
+        ax.set_xlabel(f"class ({n_per_class})" if n_per_class else "class")
         ax.set_title("clean" if suite == CLEAN else f"robust ({attack})")
-    fig.suptitle(title or _setup_title(summary, f"class-wise accuracy, {attack}"))
+    fig.suptitle(_fitted(title or _setup_title(summary, f"class-wise accuracy, {attack}"), fig.get_figwidth()))
     _figure_legend(fig, axes[0], len(methods))
     return fig
 
 
 def _figure_legend(fig: Figure, ax: Axes, n: int, title: str | None = None) -> None:
-    handles, labels = ax.get_legend_handles_labels()
+    pairs = sorted(zip(*ax.get_legend_handles_labels()), key=lambda hl: hl[1] == "worst class")  # series first
+    handles, labels = [h for h, _ in pairs], [label for _, label in pairs]
     fig.legend(handles, labels, loc="outside lower center", ncols=min(n, 6), frameon=False, title=title)
+
+
+def plot_worst_class_counts(counts: pd.DataFrame, classes: pd.Series, attack: str,
+                            methods: Sequence[str] | None = None, title: str | None = None) -> Figure:
+    """Per class, in how many runs (seeds) of each method it is the worst, clean and under `attack`:
+    `counts` is `stats.worst_class_counts` of one setup; `classes` maps class_id -> name (every class, so
+    classes never worst show as gaps). A tie counts for every tied class."""
+    methods = list(methods or pd.unique(counts["method"]))
+    every = len(classes) <= MAX_WORST_CLASSES
+    if not every:  # 100 or 200 classes: only those that were ever the worst
+        classes = classes[classes.index.isin(counts.loc[counts["attack"].isin([CLEAN, attack]), "class_id"])]
+    fig, axes = _figure(min(max(0.12 * len(classes) * (len(methods) + 1) * 2 + 2.0, 11), 40), 4.8, ncols=2)
+    colors = _colors(len(methods))
+    n_runs = int(counts["n_runs"].max()) if len(counts) else 1
+    for ax, suite in zip(axes, (CLEAN, attack)):
+        rows = counts[(counts["attack"] == suite) & counts["method"].isin(methods)]
+        table = _class_table(rows, "method", "runs", methods, classes).fillna(0)
+        grouped_bars(ax, table, table * np.nan, colors, methods)
+        ax.set_ylim(0, n_runs + 0.3)
+        ax.yaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylabel("runs (seeds) in which the class is the worst")
+        ax.set_xlabel("class" if every else "class (only those ever the worst)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+        ax.set_title("clean" if suite == CLEAN else f"robust ({attack})")
+    fig.suptitle(title or f"worst class over seeds, {attack}")
+    _figure_legend(fig, axes[0], len(methods))
+    return fig
 
 
 def _extreme_classes(table: pd.DataFrame, limit: int) -> list:
@@ -316,32 +367,44 @@ def plot_similarity(similarity: np.ndarray, weights: np.ndarray | None, class_na
     class similarity with the class weights derived from it below, or an adversarial confusion matrix."""
     sim = np.asarray(similarity, dtype=float)
     c = len(class_names)
-    if sim.shape != (c, c):
+    columns = list(class_names) + ([STAYED_CORRECT] if sim.shape == (c, c + 1) else [])
+    if sim.shape != (c, len(columns)):
         raise FairbenchError(f"the class matrix has shape {sim.shape}, expected ({c}, {c}) for {c} classes")
     side = min(max(0.55 * c + 2.5, 6.5), 30)
     ratios = [side] if weights is None else [side, 2.4]
     fig = Figure(figsize=(side, 0.85 * side + sum(ratios[1:]) + 0.4), layout="constrained")
     grid = fig.add_gridspec(len(ratios), 1, height_ratios=ratios)
     ax = fig.add_subplot(grid[0])
-    image = ax.imshow(sim, cmap="Blues", vmin=0.0, vmax=max(float(sim.max()), 1e-12))
+    finite = sim[np.isfinite(sim)]
+    image = ax.imshow(np.ma.masked_invalid(sim), cmap="Blues", vmin=0.0,
+                      vmax=max(float(finite.max()) if finite.size else 0.0, 1e-12))
     fig.colorbar(image, ax=ax, shrink=0.85, label=value_label)
-    _class_ticks(ax, class_names)
+    _class_ticks(ax, columns)
     ax.set_yticks(np.arange(c), [str(n) for n in class_names])
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
+    if len(columns) > c:
+        ax.axvline(c - 0.5, color="0.3", linewidth=1.2)  # the stayed-correct column is no prediction
     if c <= MAX_ANNOTATED:
         _annotate_cells(ax, sim)
     if weights is not None:
         _weight_bars(fig.add_subplot(grid[1]), np.asarray(weights, dtype=float), class_names)
-    fig.suptitle(title)
+    fig.suptitle(_fitted(title, fig.get_figwidth()))
     return fig
+
+
+def _fitted(title: str, width_in: float, points: float = 12.0) -> str:
+    """`title` wrapped to the figure's width (about 0.55 x the font size per character)."""
+    import textwrap
+
+    return textwrap.fill(title, max(30, int(width_in * 72 / (0.55 * points))))
 
 
 def _annotate_cells(ax: Axes, values: np.ndarray) -> None:
     """Each cell's value, white on dark cells so it stays legible."""
-    threshold = 0.55 * values.max()
+    threshold = 0.55 * np.nanmax(values) if np.isfinite(values).any() else 0.0
     for (i, j), v in np.ndenumerate(values):
-        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
+        ax.text(j, i, "n/a" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8,
                 color="white" if v > threshold else "0.15")
 
 
@@ -380,15 +443,12 @@ class RunInfo:
 
 
 def find_runs(results_dir: str | Path) -> list[RunInfo]:
-    """Every finished run (run.json next to classwise.parquet) under `results_dir`."""
+    """Every finished run under `results_dir` (a damaged one is skipped with a warning naming it)."""
     runs = []
-    for path in sorted(Path(results_dir).rglob("run.json")):
-        if not (path.parent / "classwise.parquet").is_file():
-            continue
-        meta = json.loads(path.read_text())
-        spec = meta.get("spec", {})
-        runs.append(RunInfo(path.parent, meta["run_id"], spec.get("method", "?"), spec.get("dataset", "?"),
-                            meta.get("config", {}).get("arch", "?"), meta.get("protocol_id", "?"),
+    for folder, meta in results.find_runs(results_dir):
+        spec = meta["spec"]
+        runs.append(RunInfo(folder, meta["run_id"], spec.get("method", "?"), spec.get("dataset", "?"),
+                            (meta.get("config") or {}).get("arch", "?"), meta.get("protocol_id", "?"),
                             int(spec.get("seed", 0)), meta))
     if not runs:
         raise FairbenchError(f"no finished runs under {results_dir}; run `fairbench run ...` first")
@@ -426,7 +486,12 @@ def _checkpoint_method_state(folder: Path) -> dict:
     if not found:
         raise FairbenchError(f"{folder}: run.json describes the similarity by shape only, and no checkpoint "
                              "is left to read it from")
-    state = torch.load(max(found.items())[1], map_location="cpu", weights_only=True).get("method", {})
+    path = max(found.items())[1]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True).get("method", {})
+    except Exception as err:  # noqa: BLE001 - any reader error: the file is damaged
+        raise FairbenchError(f"{path} cannot be read ({type(err).__name__}: {first_line(err)}), and run.json "
+                             "describes the similarity by shape only; restore the checkpoint from a copy") from err
     return {k: v.numpy() if hasattr(v, "numpy") else v for k, v in state.items()}
 
 
@@ -454,6 +519,8 @@ class PlotRequest:
     methods: tuple[str, ...] | None = None
     last_k: int | None = 5
     pair: tuple[str, str] | None = None
+    zoom: bool = False
+    """Class-wise figures: y-axis fitted to the data instead of 0-100."""
 
 
 @dataclass
@@ -500,11 +567,8 @@ def _checkpoints_note(df: pd.DataFrame, last_k: int | None) -> str:
     return f"last {low} checkpoint{'s' * (high > 1)}" if low == high else f"last {low}-{high} checkpoints"
 
 
-def render_classwise(req: PlotRequest) -> list[Path]:
-    """Figures 4/5 per setup and robust attack."""
-    df = load_results(req.results)
-    methods = method_order(pd.unique(df["method"]), req.methods)
-    df = df[df["method"].isin(methods)]
+def _robust_attacks(df: pd.DataFrame, req: PlotRequest) -> list[str]:
+    """The requested robust attacks (each must exist), else every one evaluated except eps-sweep suites."""
     robust = [a for a in pd.unique(df["attack"]) if a != CLEAN and split_suite_name(a)[1] is None]
     if req.attacks:
         available = [a for a in pd.unique(df["attack"]) if a != CLEAN]
@@ -515,6 +579,15 @@ def render_classwise(req: PlotRequest) -> list[Path]:
     if not robust:
         raise FairbenchError("only clean results: evaluate an attack first "
                              "(`fairbench eval RUN --attack pgd20`)")
+    return robust
+
+
+def render_classwise(req: PlotRequest) -> list[Path]:
+    """Figures 4/5 per setup and robust attack."""
+    df = load_results(req.results)
+    methods = method_order(pd.unique(df["method"]), req.methods)
+    df = df[df["method"].isin(methods)]
+    robust = _robust_attacks(df, req)
     summary = classwise_summary(df, req.last_k)
     setups, ambiguous = _setups(summary)
     paths = []
@@ -525,9 +598,18 @@ def render_classwise(req: PlotRequest) -> list[Path]:
             note = _checkpoints_note(used[used["attack"].isin([CLEAN, attack])], req.last_k)
             title, parts = _setup_label(setup, ambiguous, f"{attack}: class-wise accuracy "
                                         f"(mean ± std over seeds, {note})")
-            fig = plot_classwise_bars(part, attack, [m for m in methods if m in set(part["method"])], title)
+            fig = plot_classwise_bars(part, attack, [m for m in methods if m in set(part["method"])], title,
+                                      _n_per_class(used[used["attack"] == attack]), req.zoom)
             paths += save_figure(fig, req.out, _stem("classwise", *parts, attack))
     return paths
+
+
+def _n_per_class(rows: pd.DataFrame) -> str:
+    """`n = 1000 per class` (test images per class and checkpoint a bar stands on), or a range."""
+    n = rows.loc[rows["n"] > 0, "n"]
+    if n.empty:
+        return ""
+    return f"n = {int(n.min())} per class" if n.min() == n.max() else f"n = {int(n.min())}-{int(n.max())} per class"
 
 
 def render_eps(req: PlotRequest) -> list[Path]:
@@ -584,9 +666,17 @@ def _chosen_runs(req: PlotRequest) -> tuple[list[str], list[RunInfo]]:
     return methods, [r for r in runs if r.method in methods]
 
 
-def _records(run: RunInfo, columns: list[str]) -> pd.DataFrame:
-    """The run's per-sample records, the `columns` of them."""
-    return pd.read_parquet(run.folder / "samples.parquet", columns=columns)
+def _records(run: RunInfo, columns: list[str]) -> pd.DataFrame | None:
+    """The run's per-sample records, the `columns` of them; None with a warning naming the file when they
+    cannot be read (the figure shows the other runs)."""
+    path = run.folder / "samples.parquet"
+    try:
+        return pd.read_parquet(path, columns=columns)
+    except Exception as err:  # noqa: BLE001 - any reader error: the file is missing or damaged
+        warnings.warn(f"leaving run {run.run_id} out of the figure: its per-sample records {path} cannot be read "
+                      f"({first_line(err)}); `fairbench eval {run.folder} --attack ... --force` writes them again",
+                      results.ResultsWarning, stacklevel=2)
+        return None
 
 
 def render_targeted(req: PlotRequest) -> list[Path]:
@@ -596,6 +686,8 @@ def render_targeted(req: PlotRequest) -> list[Path]:
     names: dict[tuple, list[str]] = {}
     for run in runs:
         samples = _records(run, ["epoch", "suite", "sample_idx", "label", "attempted", "success"])
+        if samples is None:
+            continue
         pair = _pick_pair(set(samples["suite"]), req.pair)
         if pair is None:
             continue
@@ -627,7 +719,12 @@ def render_similarity(req: PlotRequest) -> list[Path]:
     paths = []
     chosen = sorted((r for r in runs if r.method in methods), key=lambda r: (methods.index(r.method), r.seed))
     for run in chosen:
-        arrays = method_state_arrays(run)
+        try:
+            arrays = method_state_arrays(run)
+        except FairbenchError as err:
+            warnings.warn(f"leaving run {run.run_id} out of the similarity figures: {err}", results.ResultsWarning,
+                          stacklevel=2)
+            continue
         if arrays is None:
             continue
         title, parts = _setup_label(run.setup, ambiguous, f"{run.method} seed {run.seed}: "
@@ -649,6 +746,8 @@ def render_confusion(req: PlotRequest) -> list[Path]:
     names: dict[tuple, list[str]] = {}
     for run in runs:
         samples = _records(run, ["epoch", "suite", "sample_idx", "label", "attempted", "success", "pred"])
+        if samples is None:
+            continue
         suites = [a for a in pd.unique(samples["suite"]) if a != CLEAN and split_suite_name(a)[1] is None]
         for suite in (a for a in (req.attacks or suites) if a in suites):
             epochs = sorted(set(samples.loc[samples["suite"] == suite, "epoch"]))
@@ -667,15 +766,117 @@ def render_confusion(req: PlotRequest) -> list[Path]:
         setup, method, suite = key
         title, parts = _setup_label(setup, ambiguous, f"{method}: where {suite} sends each class "
                                     f"(rows: true class; mean over {len(groups[key])} run(s))")
-        fig = plot_similarity(np.mean(groups[key], axis=0), None, names[key], title,
+        with warnings.catch_warnings():  # a class no run attacked stays n/a
+            warnings.simplefilter("ignore", RuntimeWarning)
+            matrix = np.nanmean(groups[key], axis=0)
+        fig = plot_similarity(matrix, None, names[key], title,
                               value_label="% of the class's attacked samples")
         paths += save_figure(fig, req.out, _stem("confusion", *parts, method, suite))
     return paths
 
 
+def render_worst_class(req: PlotRequest) -> list[Path]:
+    """The worst-class distribution over seeds per setup and robust attack: which class is the worst in
+    each run (over the checkpoints the table averages), per method, clean and robust."""
+    df = load_results(req.results)
+    methods = method_order(pd.unique(df["method"]), req.methods)
+    df = _with_descriptive_columns(df[df["method"].isin(methods)])
+    robust = _robust_attacks(df, req)
+    counts = stats.worst_class_counts(stats.worst_classes(df, req.last_k))
+    setups, ambiguous = _setups(counts)
+    paths = []
+    for setup in setups:
+        part, used = _rows_of(counts, setup), _rows_of(df, setup)
+        for attack in (a for a in robust if a in set(part["attack"])):
+            note = _checkpoints_note(used[used["attack"].isin([CLEAN, attack])], req.last_k)
+            title, parts = _setup_label(setup, ambiguous, f"{attack}: worst class over "
+                                        f"{_runs_note(used[used['attack'] == attack])} ({note})")
+            fig = plot_worst_class_counts(part, class_index(used), attack,
+                                          [m for m in methods if m in set(part["method"])], title)
+            paths += save_figure(fig, req.out, _stem("worstclass", *parts, attack))
+    return paths
+
+
+def _runs_note(df: pd.DataFrame) -> str:
+    """"4 seeds", or "3-5 seeds per method" when the methods have different numbers of runs."""
+    n = df.groupby("method")["run_id"].nunique()
+    low, high = int(n.min()), int(n.max())
+    return f"{high} seed{'s' * (high > 1)}" if low == high else f"{low}-{high} seeds per method"
+
+
+def tracked_history(runs: list[RunInfo], suite: str = "pgd20") -> pd.DataFrame:
+    """(run_id, method, seed, setup..., epoch, class_id, acc) from each run's history.parquet where
+    `--track-every` recorded class-wise accuracy under `suite`; runs without it are left out."""
+    frames = []
+    for run in runs:
+        path = run.folder / results.HISTORY
+        if not path.is_file():
+            continue
+        try:
+            history = pd.read_parquet(path)
+        except Exception as err:  # noqa: BLE001 - any reader error: leave the run out, say so
+            warnings.warn(f"leaving run {run.run_id} out: {path} cannot be read ({first_line(err)})",
+                          results.ResultsWarning, stacklevel=2)
+            continue
+        column = f"tracked/{suite}"
+        if column not in history:
+            continue
+        rows = history.loc[history[column].notna(), ["epoch", column]]
+        for epoch, values in zip(rows["epoch"], rows[column]):
+            frames.append(pd.DataFrame({"run_id": run.run_id, "method": run.method, "seed": run.seed,
+                                        "dataset": run.dataset, "arch": run.arch, "protocol": run.protocol,
+                                        "epoch": int(epoch), "class_id": range(len(values)),
+                                        "acc": [float(v) for v in values]}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def plot_training_classes(frame: pd.DataFrame, class_names: Sequence[str], title: str, suite: str) -> Figure:
+    """Per-class accuracy over training epochs (mean over seeds), one line per class; the worst class at the
+    last tracked epoch drawn thick and named in the legend."""
+    fig, (ax,) = _figure(9.0, 5.0)
+    mean = frame.groupby(["class_id", "epoch"])["acc"].mean().unstack("epoch")
+    last = mean.columns.max()
+    worst = int(mean[last].idxmin())
+    colors = _colors(len(mean))
+    for k, row in mean.iterrows():
+        name = str(class_names[k]) if k < len(class_names) else str(k)
+        ax.plot(row.index, row.to_numpy(), marker="o", markersize=3, color=colors[k],
+                linewidth=2.8 if k == worst else 1.0, label=f"{name} (worst at epoch {last})" if k == worst else name)
+    _percent_axis(ax, f"{suite} accuracy (%), held-out subset")
+    ax.set_xlabel("epoch")
+    fig.suptitle(_fitted(title, fig.get_figwidth()))
+    _figure_legend(fig, ax, min(len(mean), 6))
+    return fig
+
+
+def render_training(req: PlotRequest) -> list[Path]:
+    """Per setup and method: class-wise PGD-20 accuracy over training epochs from the runs' tracked history
+    (`fairbench run --track-every N`), the worst class drawn thick."""
+    runs = find_runs(req.results)
+    methods = method_order([r.method for r in runs], req.methods)
+    frame = tracked_history([r for r in runs if r.method in methods])
+    if frame.empty:
+        raise FairbenchError("no run has a tracked class-wise history; train with `fairbench run ... "
+                             "--track-every N` (class-wise accuracy on a held-out subset every N epochs)")
+    setups, ambiguous = _setups(frame)
+    paths = []
+    for setup in setups:
+        part = _rows_of(frame, setup)
+        for method in (m for m in methods if m in set(part["method"])):
+            rows = part[part["method"] == method]
+            run = next(r for r in runs if r.run_id == rows["run_id"].iloc[0])
+            n_runs = rows["run_id"].nunique()
+            title, parts = _setup_label(setup, ambiguous, f"{method}: class-wise PGD-20 accuracy during training "
+                                        f"(mean over {n_runs} run{'s' * (n_runs > 1)})")
+            fig = plot_training_classes(rows, class_names_of(run), title, "pgd20")
+            paths += save_figure(fig, req.out, _stem("training", *parts, method))
+    return paths
+
+
 RENDERERS: dict[str, Callable[[PlotRequest], list[Path]]] = {
     "classwise": render_classwise, "eps": render_eps, "targeted": render_targeted,
-    "similarity": render_similarity, "confusion": render_confusion}
+    "similarity": render_similarity, "confusion": render_confusion, "worstclass": render_worst_class,
+    "training": render_training}
 
 
 def render_plots(req: PlotRequest, kind: str = "all") -> PlotReport:

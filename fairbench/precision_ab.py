@@ -1,4 +1,4 @@
-"""The bf16 A/B check of evaluation.md 12.2: a suite searched in bf16 is a different search process, so
+"""The bf16 A/B check of docs/evaluation.md §12: a suite searched in bf16 is a different search process, so
 before tables are made with it, the same checkpoint and stratified samples are attacked in fp32 and in
 bf16 and the robust accuracies compared: within 0.3 points overall and within the noise per class, or
 bf16 is not used for that setting. The result is stored in the run's run.json (`precision_ab`), and
@@ -17,11 +17,11 @@ import pandas as pd
 
 from fairbench.engine import Reporter, SilentReporter
 from fairbench.evalrun import PARTIAL, evaluate_epochs, open_run
-from fairbench.evaluate import class_counts, robust_flags
-from fairbench.results import run_metadata, write_json
+from fairbench.records import class_counts, robust_flags
+from fairbench.results import find_runs, write_json
 
 MAX_OVERALL_POINTS = 0.3
-"""Largest allowed difference of the overall robust accuracy, in points (evaluation.md 12.2)."""
+"""Largest allowed difference of the overall robust accuracy, in points (docs/evaluation.md §12)."""
 CLASS_SIGMAS = 2.0
 """Per class, the allowed difference in binomial standard errors of the fp32 class accuracy."""
 
@@ -102,7 +102,7 @@ def run_precision_ab(folder: Path, attack: str = "aa", checkpoint: str = "final"
 
 def unchecked_bf16(results_dir: str | Path) -> list[str]:
     """Warnings for suites searched in bf16 without a passing A/B for their dataset and architecture."""
-    runs = run_metadata(results_dir)
+    runs = [meta for _, meta in find_runs(results_dir, finished=False)]
     passed = {(_setting(m), ab["suite"]) for m in runs for ab in m.get("precision_ab", []) if ab.get("passed")}
     lines = []
     for meta in runs:
@@ -113,7 +113,7 @@ def unchecked_bf16(results_dir: str | Path) -> list[str]:
         for suite in dict.fromkeys(a for attacks in searched for a in attacks if a != "clean"):
             if (_setting(meta), suite) not in passed:
                 lines.append(f"{meta['run_id']}: {suite} was searched in bf16 without a passing A/B check "
-                             f"on {spec.get('dataset')} (evaluation.md 12.2); run `fairbench ab-check RUN_DIR "
+                             f"on {spec.get('dataset')} (docs/evaluation.md §12); run `fairbench ab-check RUN_DIR "
                              f"--attack {suite}`")
     return lines
 

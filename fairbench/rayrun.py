@@ -64,7 +64,7 @@ def connect(address: str | None) -> tuple[ModuleType, bool]:
     try:
         import ray
     except ImportError as err:
-        raise FairbenchError("--launcher ray needs Ray: pip install 'fairbench[ray]'") from err
+        raise FairbenchError("--launcher ray needs Ray: pip install 'fairbench-at[ray]'") from err
     if ray.is_initialized():
         return ray, False
     quiet = {"log_to_driver": False, "logging_level": "warning"}

@@ -7,6 +7,7 @@ Each file is written to a temporary name and renamed, so a killed run never leav
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,20 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fairbench.checkpoint import atomic_write
+from fairbench.errors import FairbenchError
+from fairbench.files import atomic_write
 
 CLASSWISE_COLUMNS = ["run_id", "method", "dataset", "arch", "protocol", "seed", "epoch", "attack", "eps",
                      "class_id", "class_name", "n", "correct", "method_source", "method_version"]
+
+
+RUN_JSON = "run.json"
+HISTORY = "history.parquet"
+"""One row per trained epoch (docs/results.md §4)."""
+
+
+class ResultsWarning(UserWarning):
+    """A results file was skipped (unreadable or not a per-class table)."""
 
 
 def run_dir(out: Path, run_id: str) -> Path:
@@ -33,13 +44,16 @@ def is_damaged(folder: Path) -> bool:
     """A per-class table that cannot be read (a damaged disk or copy): the run is not finished; training
     it again re-evaluates it from its checkpoints."""
     path = folder / "classwise.parquet"
-    if not path.is_file():
-        return False
+    return path.is_file() and not readable(path)
+
+
+def readable(path: Path) -> bool:
+    """The parquet file's footer can be read (a truncated or overwritten file fails here)."""
     try:
         pq.read_schema(path)
     except Exception:  # noqa: BLE001 - any reader error means the file cannot be used
-        return True
-    return False
+        return False
+    return True
 
 
 def write_parquet(path: Path, frame: pd.DataFrame, metadata: dict[str, Any] | None = None) -> None:
@@ -59,18 +73,46 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, write)
 
 
-def read_metadata(path: Path) -> dict[str, Any]:
-    meta = pq.read_schema(path).metadata or {}
-    return json.loads(meta.get(b"fairbench", b"{}"))
+def read_run_json(folder: Path) -> dict[str, Any]:
+    """A run's metadata, checked for what every reader relies on (a JSON object with its run id and run
+    spec); a damaged file is a FairbenchError that names it and says what to do."""
+    path = Path(folder) / RUN_JSON
+    if not path.is_file():
+        raise FairbenchError(f"{folder} is not a finished fairbench run (no {RUN_JSON}); train it with "
+                             "`fairbench run`")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise damaged_run_json(folder, f"not readable JSON: {err}") from err
+    if not isinstance(meta, dict) or not isinstance(meta.get("spec"), dict) or not isinstance(meta.get("run_id"), str):
+        raise damaged_run_json(folder, "no run_id or run spec in it")
+    return meta
 
 
-def run_metadata(results_dir: str | Path) -> list[dict[str, Any]]:
-    """The run.json of every run under `results_dir`, in path order; unreadable ones are skipped (a table
-    must not fail on one damaged run)."""
-    metas = []
-    for path in sorted(Path(results_dir).rglob("run.json")):
-        try:
-            metas.append({"run_id": path.parent.name, **json.loads(path.read_text())})
-        except (OSError, ValueError):
+def damaged_run_json(folder: Path, why: str) -> FairbenchError:
+    return FairbenchError(f"{Path(folder) / RUN_JSON} is damaged ({why}); restore it from a copy, or train the run "
+                          "again with `fairbench run` (its checkpoints stay)")
+
+
+def find_runs(results_dir: str | Path, finished: bool = True) -> list[tuple[Path, dict[str, Any]]]:
+    """(folder, metadata) of every run under `results_dir`, in path order; with `finished`, only runs whose
+    per-class table is there. A run whose run.json or per-class table is damaged is skipped with a
+    ResultsWarning naming it, so one damaged run does not stop a table or a figure of the others."""
+    found = []
+    root = Path(results_dir)
+    for path in sorted(root.rglob(RUN_JSON)) if root.is_dir() else []:
+        folder = path.parent
+        if finished and not (folder / "classwise.parquet").is_file():
             continue
-    return metas
+        try:
+            meta = read_run_json(folder)
+        except FairbenchError as err:
+            warnings.warn(f"skipping run {folder.name}: {err}", ResultsWarning, stacklevel=2)
+            continue
+        if finished and is_damaged(folder):
+            warnings.warn(f"skipping run {folder.name}: its per-class table {folder / 'classwise.parquet'} "
+                          "cannot be read; `fairbench run` with the same settings rebuilds it", ResultsWarning,
+                          stacklevel=2)
+            continue
+        found.append((folder, meta))
+    return found

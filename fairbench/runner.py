@@ -16,15 +16,18 @@ import torch
 
 from fairbench import __version__
 from fairbench.attacks.registry import create_attack
-from fairbench.checkpoint import checkpoint_path, list_checkpoints, prune_checkpoints, remove_stale_temporaries
-from fairbench.data import load_dataset
+from fairbench.checkpoint import checkpoint_path, list_checkpoints, prune_checkpoints
+from fairbench.data import data_fingerprint, default_data_root, load_dataset
 from fairbench.engine import Reporter, SilentReporter, Trainer, select_device
 from fairbench.errors import FairbenchError
-from fairbench.evalrun import PARTIAL, classwise_table, eval_split, evaluate_epochs, partial_name, suite_eps
+from fairbench.evalrun import PARTIAL, classwise_table, eval_split, evaluate_epochs, partial_name, run_labels, suite_eps
+from fairbench.files import remove_stale_temporaries
 from fairbench.lock import RunLock
+from fairbench.records import with_run_labels
 from fairbench.registry import get_method_class
-from fairbench.results import is_damaged, is_finished, run_dir, write_json, write_parquet
+from fairbench.results import HISTORY, is_damaged, is_finished, run_dir, write_json, write_parquet
 from fairbench.spec import ResolvedRun, RunSpec, hot_start_base, provenance, resolve
+from fairbench.tracking import HeldOutAccuracy, history_frame, open_tracker
 
 
 @dataclass
@@ -45,6 +48,7 @@ def run_one(spec: RunSpec, out: Path, resume: bool = False, reporter: Reporter |
     resolved = resolve(spec)
     folder = run_dir(out, resolved.run_id)
     if is_finished(folder):
+        check_same_data(folder, spec)
         reporter.message(f"{resolved.run_id}: finished earlier, skipped")
         tidy_finished(folder, resolved.spec)
         return RunOutcome(resolved.run_id, folder, "skipped")
@@ -82,6 +86,9 @@ def _train_and_evaluate(spec: RunSpec, resolved: ResolvedRun, folder: Path, resu
         load_start_weights(trainer, Path(spec.init_from))
     if start_epoch:
         reporter.message(f"{resolved.run_id}: resuming after epoch {start_epoch}")
+    else:
+        for note in other_lengths(folder, resolved):
+            reporter.message(note)
 
     def guarded(epoch: int, batch: int) -> None:
         if lock.lost:
@@ -92,21 +99,89 @@ def _train_and_evaluate(spec: RunSpec, resolved: ResolvedRun, folder: Path, resu
     t0 = time.perf_counter()
     stats = {}
     if start_epoch < resolved.epochs:
-        stats = trainer.fit(ckpt_dir, start_epoch, reporter, keep_last=max(keep_last, spec.eval_last),
-                            after_batch=guarded)
+        with watched(trainer, spec, folder, start_epoch, reporter):
+            stats = trainer.fit(ckpt_dir, start_epoch, reporter, keep_last=max(keep_last, spec.eval_last),
+                                after_batch=guarded)
+    if trainer.history:
+        write_parquet(folder / HISTORY, history_frame(trainer.history, run_labels(resolved)))
     train_wall = time.perf_counter() - t0
     t1 = time.perf_counter()
     classwise, samples, evaluated, checks = evaluate_checkpoints(trainer, resolved, dataset, folder, reporter)
     eval_wall = time.perf_counter() - t1
     metadata = run_metadata(resolved, trainer, device, stats, train_wall, eval_wall, evaluated)
     metadata["checks"] = checks
+    metadata["data_fingerprint"] = dataset.fingerprint()
     lock.check()
-    write_parquet(folder / "samples.parquet", samples)
+    write_parquet(folder / "samples.parquet", with_run_labels(samples, run_labels(resolved)))
     write_json(folder / "run.json", metadata)
     write_parquet(folder / "classwise.parquet", classwise, metadata)
     shutil.rmtree(folder / PARTIAL, ignore_errors=True)
     reporter.message(f"{resolved.run_id}: wrote {folder / 'classwise.parquet'}")
     return RunOutcome(resolved.run_id, folder, "done")
+
+
+@contextlib.contextmanager
+def watched(trainer: Trainer, spec: RunSpec, folder: Path, start_epoch: int, reporter: Reporter):
+    """`--track-every N` and `--track KIND` for the epochs this process trains: the held-out class-wise
+    accuracy goes into each epoch's history record, then the record to the tracker (closed on the way out)."""
+    observers = []
+    if spec.track_every:
+        observers.append(HeldOutAccuracy(spec.track_every, trainer.resolved.epochs, spec.eval_eps,
+                                         spec.eval_batch_size, spec.seed))
+    tracker = None
+    if spec.track:
+        tracker = open_tracker(spec.track, folder.parent.parent, trainer.resolved.run_id, start_epoch,
+                               trainer.resolved.as_dict(), reporter.message)
+        names = trainer.dataset.class_names
+        observers.append(lambda record, _: tracker.log(record, names))
+    trainer.epoch_observers = observers
+    try:
+        yield
+    finally:
+        trainer.epoch_observers = []
+        if tracker is not None:
+            tracker.close()
+
+
+def check_same_data(folder: Path, spec: RunSpec) -> None:
+    """A finished run is only skipped when the data it would train on now is the data it was trained on (its
+    run.json records the fingerprint); a run from before fingerprints were recorded is taken as it is."""
+    try:
+        recorded = json.loads((folder / "run.json").read_text()).get("data_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not recorded:
+        return
+    current = data_fingerprint(spec.dataset, spec.data_dir)
+    if current != recorded:
+        raise FairbenchError(
+            f"{folder.name} finished earlier on other {spec.dataset} data: its run.json records data fingerprint "
+            f"{recorded}, the files under {spec.data_dir or default_data_root()} give {current} (a different or "
+            "damaged copy). Point --data-dir at the data the run was trained on, or train on this data under "
+            "another --out; nothing was changed.")
+
+
+def other_lengths(folder: Path, resolved: ResolvedRun) -> list[str]:
+    """Notes on finished runs beside `folder` with the same settings but another number of epochs: --epochs 6
+    after a 5-epoch run starts a new run from scratch, where a user may have expected one more epoch."""
+    def settings(config: dict) -> str:
+        return json.dumps({k: v for k, v in config.items() if k != "epochs"}, sort_keys=True, default=str)
+
+    mine = settings(json.loads(json.dumps(resolved.as_dict(), default=str)))
+    prefix = resolved.run_id.rsplit("_", 1)[0] + "_"
+    notes = []
+    for other in sorted(folder.parent.glob(prefix + "*")):
+        if other == folder or not is_finished(other):
+            continue
+        try:
+            config = json.loads((other / "run.json").read_text())["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(config, dict) and settings(config) == mine:
+            notes.append(f"note: a finished {config.get('epochs')}-epoch run of these settings exists ({other.name}); "
+                         f"this starts a new {resolved.epochs}-epoch run from epoch 1 under {folder.name}; it does "
+                         f"not continue that one (the learning-rate schedule follows the run's length)")
+    return notes
 
 
 def rebuild_classwise(folder: Path, resolved: ResolvedRun) -> bool:
@@ -119,7 +194,7 @@ def rebuild_classwise(folder: Path, resolved: ResolvedRun) -> bool:
     except Exception:  # noqa: BLE001 - anything unreadable means: evaluate again from the checkpoints
         return False
     names = load_dataset(resolved.spec.dataset, resolved.spec.data_dir).class_names
-    write_parquet(folder / "classwise.parquet", classwise_table(samples, resolved, names, eps_of), meta)
+    write_parquet(folder / "classwise.parquet", classwise_table(samples, run_labels(resolved), names, eps_of), meta)
     return True
 
 
@@ -192,10 +267,10 @@ def evaluate_checkpoints(trainer: Trainer, resolved: ResolvedRun, dataset, folde
     if not found or max(found) != resolved.epochs:
         raise FairbenchError(f"training of {resolved.run_id} did not finish (checkpoints: {sorted(found)})")
     epochs = sorted(found)[-spec.eval_last:]
-    split = eval_split(resolved, dataset, trainer.device, spec.eval_per_class)
+    split = eval_split(dataset, trainer.device, spec.eval_per_class)
     attacks = [a for a in spec.attacks if a != "clean"]
     samples, checks = evaluate_epochs(trainer, epochs, attacks, spec.eval_eps, split, folder, reporter)
-    classwise = classwise_table(samples, resolved, dataset.class_names, suite_eps(attacks, spec.eval_eps))
+    classwise = classwise_table(samples, run_labels(resolved), dataset.class_names, suite_eps(attacks, spec.eval_eps))
     return classwise, samples, epochs, checks
 
 
@@ -213,17 +288,24 @@ def state_summary(state: dict) -> dict:
     return out
 
 
+def data_root_hint(data_dir: str | None) -> str | None:
+    """The --data-dir a run was trained with, absolute: `fairbench eval` reads the data from there when it is
+    given none (a hint kept beside the spec, not part of the run id: the same run may move between roots)."""
+    return str(Path(data_dir).expanduser().resolve()) if data_dir else None
+
+
 def run_metadata(resolved: ResolvedRun, trainer: Trainer, device: torch.device, stats: dict,
                  train_wall: float, eval_wall: float, evaluated: list[int]) -> dict:
     spec = resolved.spec
     return {
         "run_id": resolved.run_id, "config_hash": resolved.config_hash, "protocol_id": resolved.protocol_id,
         "spec": {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("data_dir", "device")},
+        "data_dir": data_root_hint(spec.data_dir),
         "protocol": resolved.protocol, "config": resolved.as_dict(), **provenance(resolved),
         "method_state": state_summary(trainer.method.state_dict()),
         "attacks": {a: create_attack(a, spec.eval_eps).settings() for a in spec.attacks if a != "clean"},
         "attack_precision": spec.attack_precision,
-        "evaluated_epochs": evaluated, "num_train": trainer.ctx.num_train,
+        "evaluated_epochs": evaluated, "num_train": len(trainer.train_split),
         "num_params": sum(p.numel() for p in trainer.model.parameters()),
         "amp_bf16": trainer.amp, "channels_last": trainer.channels_last, "intra_op_threads": torch.get_num_threads(),
         "versions": {"fairbench": __version__, "torch": torch.__version__, "numpy": np.__version__,

@@ -157,7 +157,7 @@ def submit_slurm(plan: Plan, plan_path: Path, resources: SlurmResources, wait: b
     try:
         import submitit
     except ImportError as err:
-        raise FairbenchError("--launcher slurm needs submitit: pip install 'fairbench[slurm]'") from err
+        raise FairbenchError("--launcher slurm needs submitit: pip install 'fairbench-at[slurm]'") from err
     if shutil.which("sbatch") is None:
         raise FairbenchError("--launcher slurm: sbatch is not on PATH; run this on a Slurm login node "
                              "(or write a script with `fairbench plan --format sbatch`)")

@@ -1,4 +1,5 @@
-"""What one run is: `RunSpec` (what the user asked for) resolved into `ResolvedRun` (every value concrete).
+"""What one run is: `RunSpec` (what the user asked for, declared in `fairbench.runspec`) resolved into
+`ResolvedRun` (every value concrete).
 
 The run id carries a hash of the resolved configuration, so re-running a grid finds finished runs,
 and the protocol hash groups runs that rho may compare (same data, model and optimisation).
@@ -12,66 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fairbench.config import apply_overrides
-from fairbench.data import get_dataset_info
+from fairbench.data import DatasetInfo, get_dataset_info
 from fairbench.errors import FairbenchError, UnknownNameError
 from fairbench.method import FairAT
 from fairbench.models import MODELS
 from fairbench.registry import get_method_class, method_source
+from fairbench.runspec import PROTOCOLS, RunSpec, run_option
 from fairbench.schedules import SCHEDULES
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    method: str
-    dataset: str
-    seed: int = 1
-    arch: str | None = None
-    """None: the dataset's default (resnet18 for CIFAR/STL/Tiny-ImageNet, smallcnn for digits)."""
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    momentum: float | None = None
-    nesterov: bool | None = None
-    weight_decay: float | None = None
-    schedule: str | None = None
-    """None: from the protocol (common: SGD 0.1, momentum 0.9, Nesterov, wd 5e-4, bag_of_tricks)."""
-    protocol: str = "common"
-    """'common' (the TRADES protocol of DAFA/TRIX, for every method) or 'official' (the method's own code)."""
-    init_from: str | None = None
-    """Start from the model weights of this checkpoint file or run folder (e.g. FRL's hot start)."""
-    hot_start_epochs: int | None = None
-    """Epochs of the hot-start run a method asks for (None: the dataset's default)."""
-    overrides: dict[str, str] = field(default_factory=dict)
-    """Method hyperparameters (``--set key=value`` or ``--set method.key=value``)."""
-    train_per_class: int | None = None
-    """Train on the first N samples of each class (small-scale runs); None = all."""
-    eval_per_class: int | None = None
-    """Evaluate on the first N test samples of each class; None = the whole test set."""
-    attacks: tuple[str, ...] = ("pgd20",)
-    eval_eps: float = 8 / 255
-    eval_last: int = 5
-    """Evaluate the last k checkpoints (the paper averages over the last 5 epochs)."""
-    eval_batch_size: int = 256
-    attack_precision: str = "auto"
-    """Attack search precision (verdicts are always strict fp32): auto (TF32 on CUDA, fp32 on CPU), fp32,
-    tf32 or bf16 (evaluation.md 12.2)."""
-    data_dir: str | None = None
-    device: str = "auto"
-    amp: bool | None = None
-    """bf16 autocast for training; None = on for CUDA, off on CPU."""
-    channels_last: bool | None = None
-    """None = on for CUDA."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able form (plan files, run.json); `from_dict` reads it back."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunSpec":
-        data = dict(data)
-        data["attacks"] = tuple(data.get("attacks", ("pgd20",)))
-        return cls(**data)
-
 
 COMMON_PROTOCOL: dict[str, Any] = {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
                                    "schedule": "bag_of_tricks"}
@@ -106,7 +54,8 @@ class ResolvedRun:
 
     def as_dict(self) -> dict[str, Any]:
         spec = dataclasses.asdict(self.spec)
-        spec.pop("data_dir"), spec.pop("device"), spec.pop("overrides")
+        for watching_only in ("data_dir", "device", "overrides", "track", "track_every"):
+            spec.pop(watching_only)  # where and how a run is watched, not what it computes
         if spec["attack_precision"] == "auto":
             spec.pop("attack_precision")  # the default leaves run ids as they were before the option existed
         spec["init_from"] = _init_key(self.spec.init_from)
@@ -165,21 +114,20 @@ def check_overrides(overrides: dict[str, str], methods: list[str]) -> None:
             raise UnknownNameError("option", name, sorted(set().union(*fields_by_method.values())))
 
 
-SPEC_LIMITS: tuple[tuple[str, str, float, bool], ...] = (
-    # field, the option a user sets it with, lower bound, bound allowed
-    ("seed", "--seeds", 0, True), ("epochs", "--epochs", 1, True), ("batch_size", "--batch-size", 1, True),
-    ("lr", "--lr", 0, False), ("momentum", "--momentum", 0, True), ("weight_decay", "--weight-decay", 0, True),
-    ("hot_start_epochs", "--hot-start-epochs", 1, True), ("train_per_class", "--train-per-class", 1, True),
-    ("eval_per_class", "--eval-per-class", 1, True), ("eval_eps", "--eps", 0, True),
-    ("eval_last", "--eval-last", 1, True), ("eval_batch_size", "eval_batch_size", 1, True),
+SPEC_LIMITS: tuple[tuple[str, float, bool], ...] = (
+    # field, lower bound, bound allowed
+    ("seed", 0, True), ("epochs", 1, True), ("batch_size", 1, True), ("lr", 0, False), ("momentum", 0, True),
+    ("weight_decay", 0, True), ("hot_start_epochs", 1, True), ("train_per_class", 1, True),
+    ("eval_per_class", 1, True), ("eval_eps", 0, True), ("eval_last", 1, True), ("eval_batch_size", 1, True),
+    ("track_every", 1, True),
 )
 """Values a run refuses instead of training something other than what was meant (e.g. --train-per-class 0
-used to mean 'everything')."""
+used to mean 'everything'); messages name the option a user sets the field with."""
 
 
 def check_spec(spec: RunSpec) -> None:
-    for name, option, low, inclusive in SPEC_LIMITS:
-        value = getattr(spec, name)
+    for name, low, inclusive in SPEC_LIMITS:
+        value, option = getattr(spec, name), run_option(name).flag
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
@@ -189,12 +137,19 @@ def check_spec(spec: RunSpec) -> None:
             raise FairbenchError(f"{option} must be {bound}, got {value:g}")
 
 
+def dataset_method_defaults(info: DatasetInfo) -> dict[str, Any]:
+    """Method hyperparameters a dataset sets, applied where a method has the field (before `--set`): its run
+    scale's (e.g. a shorter warm-up on digits) and DAFA's weight strength `lam` (1.0 CIFAR-10, 1.5 CIFAR-100,
+    STL-10, Tiny-ImageNet), which DAFA and TRIX read from their config like any other option."""
+    return {"lam": info.dafa_lambda, **info.defaults.method_overrides}
+
+
 def resolve(spec: RunSpec) -> ResolvedRun:
     check_spec(spec)
     info = get_dataset_info(spec.dataset)
     cls = get_method_class(spec.method)
-    if spec.protocol not in ("common", "official"):
-        raise UnknownNameError("protocol", spec.protocol, ["common", "official"])
+    if spec.protocol not in PROTOCOLS:
+        raise UnknownNameError("protocol", spec.protocol, list(PROTOCOLS))
     chosen = {"arch": info.defaults.arch, "epochs": info.defaults.epochs, "batch_size": info.defaults.batch_size,
               **COMMON_PROTOCOL}
     if spec.protocol == "official" or cls.hot_start:
@@ -212,8 +167,8 @@ def resolve(spec: RunSpec) -> ResolvedRun:
             create_attack(attack, spec.eval_eps)
     if epochs < 1 or batch < 1:
         raise FairbenchError(f"epochs and batch size must be positive (got {epochs}, {batch})")
-    scale_defaults = method_overrides(dict(info.defaults.method_overrides), spec.method, cls.Config)
-    config = apply_overrides(cls.Config(), scale_defaults, spec.method)
+    dataset_defaults = method_overrides(dataset_method_defaults(info), spec.method, cls.Config)
+    config = apply_overrides(cls.Config(), dataset_defaults, spec.method)
     config = apply_overrides(config, method_overrides(spec.overrides, spec.method, cls.Config), spec.method)
     return ResolvedRun(spec, arch, epochs, batch, config, cls, chosen)
 

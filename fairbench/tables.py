@@ -4,7 +4,7 @@ Pipeline: `load_results` -> `run_metrics` (per checkpoint, then mean of the last
 run) -> `fairness_table` (mean/std over seeds, rho against the baseline of the same protocol) ->
 `format_table` (rich / markdown / LaTeX / CSV).
 
-Conventions (metrics.md): accuracies in percent; worst-class statistics are computed per checkpoint
+Conventions (docs/metrics.md §7): accuracies in percent; worst-class statistics are computed per checkpoint
 from that checkpoint's own per-class accuracies and only then averaged (never min of averages);
 rho uses the baseline's mean-over-seeds accuracies, so it is linear in the method's means.
 Row order: groups in order of first appearance of (dataset, arch, protocol) then attack in the input;
@@ -21,7 +21,9 @@ import numpy as np
 import pandas as pd
 
 from fairbench import metrics
-from fairbench.errors import FairbenchError, UnknownNameError
+from fairbench.errors import FairbenchError, UnknownNameError, first_line
+from fairbench.records import cascade_prefixes, class_counts, robust_flags, union_of_suites
+from fairbench.results import ResultsWarning
 
 CLEAN = "clean"
 NO_ATTACK = "(none)"
@@ -34,10 +36,6 @@ TABLE_COLUMNS = ["dataset", "arch", "protocol", "attack", "method", "n_seeds",
                  "clean_avg_mean", "clean_avg_std", "clean_worst_mean", "clean_worst_std", "rho_clean",
                  "rob_avg_mean", "rob_avg_std", "rob_worst_mean", "rob_worst_std", "rho_rob", "note"]
 FORMATS = ("rich", "md", "latex", "csv")
-
-
-class ResultsWarning(UserWarning):
-    """A results file was skipped (unreadable or not a per-class table)."""
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -62,16 +60,22 @@ def load_results(results_dir: str | Path, union: bool = False, cascade: bool = F
 
 
 def derived_rows(classwise: pd.DataFrame, samples_path: Path, union: bool, cascade: bool) -> pd.DataFrame:
-    """Per-class rows of suites derived exactly from a run's per-sample records (evaluation.md 9.2), per
+    """Per-class rows of suites derived exactly from a run's per-sample records (docs/evaluation.md §10), per
     checkpoint: the union of the suites run there and the prefixes of their cascades. Each copies the run
     metadata and eps of the suite it derives from (the first of a union); none without records, and none
     that the run's table already holds (`aa+a3`)."""
-    from fairbench.evaluate import cascade_prefixes, class_counts, robust_flags, union_of_suites  # torch
 
     out = [classwise.iloc[:0]]
     if not samples_path.is_file():
         return out[0]
-    for epoch, records in pd.read_parquet(samples_path).groupby("epoch", sort=True):
+    try:
+        samples = pd.read_parquet(samples_path)
+    except Exception as err:  # noqa: BLE001 - any reader error: the file is damaged
+        warnings.warn(f"no union or cascade rows for run {samples_path.parent.name}: its per-sample records "
+                      f"{samples_path} cannot be read ({first_line(err)}); `fairbench eval {samples_path.parent} "
+                      "--attack ... --force` writes them again", ResultsWarning, stacklevel=3)
+        return out[0]
+    for epoch, records in samples.groupby("epoch", sort=True):
         flags = [f for f in (union_of_suites(robust_flags(records)) if union else None,
                              cascade_prefixes(records) if cascade else None) if f is not None]
         for name, suite in pd.concat(flags).groupby("suite", sort=False) if flags else []:
@@ -108,12 +112,14 @@ def run_metrics(df: pd.DataFrame, last_k: int | None = 5, worst: str = "min") ->
 
     Extra columns: n_checkpoints (how many were averaged) and last_epoch. `last_k=None` uses all.
     """
-    metrics.worst_metric(worst)  # validates the name
+    _check_last_k(last_k)
+    ckpt = checkpoint_metrics(df, worst)
+    return _average_last_checkpoints(ckpt, last_k, _appearance_order(df, ["run_id", "attack"]))
+
+
+def _check_last_k(last_k: int | None) -> None:
     if last_k is not None and (not isinstance(last_k, (int, np.integer)) or last_k < 1):
         raise FairbenchError(f"last_k must be a positive integer (or None for all), got {last_k!r}")
-    _check_results(df)
-    ckpt = _checkpoint_metrics(df, worst)
-    return _average_last_checkpoints(ckpt, last_k, _appearance_order(df, ["run_id", "attack"]))
 
 
 def _check_results(df: pd.DataFrame) -> None:
@@ -137,8 +143,11 @@ def _check_results(df: pd.DataFrame) -> None:
         raise FairbenchError("per-class counts must satisfy 0 <= correct <= n")
 
 
-def _checkpoint_metrics(df: pd.DataFrame, worst: str) -> pd.DataFrame:
-    """avg and worst (fractions) per (run, attack, epoch) from that checkpoint's own class counts."""
+def checkpoint_metrics(df: pd.DataFrame, worst: str = "min") -> pd.DataFrame:
+    """avg and worst (fractions) per (run, attack, epoch) from that checkpoint's own class counts;
+    `worst` is "min" or "min20". Checks the frame first."""
+    metrics.worst_metric(worst)  # validates the name
+    _check_results(df)
     keys = RUN_KEYS + ["attack", "epoch"]
     d = df.loc[df["n"] > 0, keys + ["n", "correct"]].copy()  # a class with n = 0 was not evaluated
     d["acc"] = d["correct"].astype(float) / d["n"].astype(float)
@@ -162,10 +171,7 @@ def _worst_fraction_per_group(d: pd.DataFrame, keys: list[str]) -> pd.Series:
 def _average_last_checkpoints(ckpt: pd.DataFrame, last_k: int | None, order: pd.Series) -> pd.DataFrame:
     """Mean over the last_k largest epochs per (run, attack); accuracies converted to percent."""
     keys = RUN_KEYS + ["attack"]
-    ckpt = ckpt.sort_values("epoch", ascending=False, kind="stable")
-    if last_k is not None:
-        ckpt = ckpt[ckpt.groupby(keys, sort=False, dropna=False).cumcount() < last_k]
-    out = ckpt.groupby(keys, sort=False, dropna=False).agg(
+    out = _last_checkpoints(ckpt, last_k).groupby(keys, sort=False, dropna=False).agg(
         avg=("avg", "mean"), worst=("worst", "mean"), n_checkpoints=("epoch", "size"),
         last_epoch=("epoch", "max"), n_samples=("n", "min")).reset_index()
     out[["avg", "worst"]] *= 100.0
@@ -192,12 +198,11 @@ def fairness_table(
     """One row per (dataset, arch, protocol, robust attack, method): mean/std over seeds (percent,
     ddof=1, NaN for one seed) of clean and robust avg/worst, rho_clean and rho_rob against the
     `baseline` method's means of the same (dataset, arch, protocol, attack), and a `note` explaining
-    any NaN rho. The clean columns are repeated in each attack's group. The options used are kept in
+    any NaN rho. Each attack's row takes its clean columns from the checkpoints that attack averages. The options used are kept in
     `table.attrs` (worst, last_k, baseline, rho_variant) for the formatters.
     """
     metrics.rho(1.0, 1.0, 1.0, 1.0, variant=rho_variant)  # validates the variant name early
-    rm = run_metrics(df, last_k=last_k, worst=worst)
-    per_run = _join_clean(rm, attacks)
+    per_run = suite_run_metrics(df, last_k, worst, attacks)
     table = _aggregate_seeds(per_run, last_k)
     table = _add_rho(table, baseline, rho_variant)
     table = _order_rows(table, df, baseline)
@@ -205,11 +210,21 @@ def fairness_table(
     return table
 
 
-def _join_clean(rm: pd.DataFrame, attacks: Sequence[str] | None) -> pd.DataFrame:
-    """Per (run, robust attack): rob_avg, rob_worst plus the run's clean_avg, clean_worst."""
-    clean = rm.loc[rm["attack"] == CLEAN, RUN_KEYS + ["avg", "worst", "n_samples"]].rename(
-        columns={"avg": "clean_avg", "worst": "clean_worst", "n_samples": "clean_n_samples"})
-    rob = rm.loc[rm["attack"] != CLEAN, RUN_KEYS + ["attack", "avg", "worst", "n_checkpoints", "n_samples"]]
+def suite_run_metrics(df: pd.DataFrame, last_k: int | None = 5, worst: str = "min",
+                      attacks: Sequence[str] | None = None) -> pd.DataFrame:
+    """The per-run values `fairness_table` averages over seeds: one row per (run, robust attack) with
+    clean_avg, clean_worst, rob_avg, rob_worst in percent (each run's mean over its last `last_k`
+    checkpoints). Statistics over seeds (fairbench.stats) start from these, so they describe the table's
+    own numbers."""
+    _check_last_k(last_k)
+    return _suite_rows(checkpoint_metrics(df, worst), last_k, attacks)
+
+
+def _suite_rows(ckpt: pd.DataFrame, last_k: int | None, attacks: Sequence[str] | None) -> pd.DataFrame:
+    """Per (run, robust attack): robust avg/worst over the suite's last `last_k` checkpoints and clean
+    avg/worst over the same checkpoints, so both halves of a row describe one set of models (a suite run
+    on fewer checkpoints than another does not get clean numbers of models it never attacked)."""
+    rob = ckpt[ckpt["attack"] != CLEAN]
     available = list(pd.unique(rob["attack"]))
     if attacks is not None:
         for a in attacks:
@@ -217,10 +232,29 @@ def _join_clean(rm: pd.DataFrame, attacks: Sequence[str] | None) -> pd.DataFrame
                 raise UnknownNameError("attack", a, available)
         rob = rob[rob["attack"].isin(list(attacks))]
     elif rob.empty:  # only clean evaluated so far: still show the clean columns
-        rob = rm.loc[rm["attack"] == CLEAN, RUN_KEYS + ["n_checkpoints", "n_samples"]].assign(
-            attack=NO_ATTACK, avg=math.nan, worst=math.nan)
-    rob = rob.rename(columns={"avg": "rob_avg", "worst": "rob_worst"})
-    return rob.merge(clean, on=RUN_KEYS, how="left")
+        rob = ckpt[ckpt["attack"] == CLEAN].assign(attack=NO_ATTACK, avg=math.nan, worst=math.nan)
+    clean = ckpt.loc[ckpt["attack"] == CLEAN, RUN_KEYS + ["epoch", "avg", "worst", "n"]].rename(
+        columns={"avg": "clean_avg", "worst": "clean_worst", "n": "clean_n"})
+    rows = _last_checkpoints(rob, last_k).merge(clean, on=RUN_KEYS + ["epoch"], how="left")
+    rows["subset"] = rows["n"] < rows["clean_n"]  # `fairbench eval --n-examples` on that checkpoint
+    keys = RUN_KEYS + ["attack"]
+    out = rows.groupby(keys, sort=False, dropna=False).agg(
+        rob_avg=("avg", "mean"), rob_worst=("worst", "mean"), clean_avg=("clean_avg", "mean"),
+        clean_worst=("clean_worst", "mean"), n_checkpoints=("epoch", "size"), n_clean=("clean_n", "count"),
+        n_samples=("n", "min"), clean_n_samples=("clean_n", "max"), n_subset=("subset", "sum"),
+        epochs=("epoch", lambda e: tuple(sorted(int(x) for x in e)))).reset_index()
+    out[["rob_avg", "rob_worst", "clean_avg", "clean_worst"]] *= 100.0
+    out["epochs_differ"] = out.groupby("run_id", sort=False)["epochs"].transform("nunique") > 1
+    return out
+
+
+def _last_checkpoints(ckpt: pd.DataFrame, last_k: int | None) -> pd.DataFrame:
+    """The rows of the `last_k` largest epochs of each (run, attack), in input order otherwise."""
+    if last_k is None:
+        return ckpt
+    rank = ckpt.groupby(RUN_KEYS + ["attack"], sort=False, dropna=False)["epoch"].rank(method="first",
+                                                                                     ascending=False)
+    return ckpt[rank <= last_k]
 
 
 def _aggregate_seeds(per_run: pd.DataFrame, last_k: int | None) -> pd.DataFrame:
@@ -239,21 +273,36 @@ def _aggregate_seeds(per_run: pd.DataFrame, last_k: int | None) -> pd.DataFrame:
 
 def _seed_notes(runs: pd.DataFrame, last_k: int | None) -> list[str]:
     """Notes on a method's runs: missing clean results, fewer checkpoints than asked, repeated seeds,
-    robust columns from fewer test samples than the clean ones."""
+    robust columns from fewer test samples than the clean ones, checkpoints that differ between suites."""
     notes = []
-    n_missing = int(runs["clean_avg"].isna().sum())
-    if n_missing:
-        notes.append(f"no clean results for {n_missing} of {len(runs)} runs")
+    no_clean = runs["n_clean"] < runs["n_checkpoints"]
+    if no_clean.any():
+        notes.append(f"clean results missing at some of the averaged checkpoints in {int(no_clean.sum())} of "
+                     f"{len(runs)} runs")
     fewest = int(runs["n_checkpoints"].min())
     if last_k is not None and fewest < last_k:
         notes.append(f"some runs have only {fewest} checkpoint(s) (last_k={last_k})")
     if runs["seed"].nunique() < len(runs):
         notes.append("several runs share a seed")
-    subset = runs[runs["n_samples"] < runs["clean_n_samples"]]
+    subset = runs[runs["n_subset"] > 0]
     if len(subset):  # `fairbench eval --n-examples`: robust and clean columns come from different samples
+        at = [f"{int(r.n_subset)} of {int(r.n_checkpoints)}" for r in subset.itertuples()]
+        where = "every checkpoint" if (subset["n_subset"] == subset["n_checkpoints"]).all() else (
+            f"{at[0]} checkpoints" if len(set(at)) == 1 else f"{'/'.join(at)} checkpoints of {len(subset)} runs")
         notes.append(f"robust columns from {int(subset['n_samples'].min())} of "
-                     f"{int(subset['clean_n_samples'].max())} test samples per checkpoint")
+                     f"{int(subset['clean_n_samples'].max())} test samples at {where}")
+    if runs["epochs_differ"].any():  # other suites of these runs average other checkpoints
+        spans = sorted({_epoch_span(e) for e in runs["epochs"]})
+        notes.append(f"averages epochs {spans[0]}" if len(spans) == 1 else
+                     f"averages epochs {', '.join(spans)} (differing between runs)")
     return notes
+
+
+def _epoch_span(epochs: tuple[int, ...]) -> str:
+    """`6-10` for consecutive epochs, else `4, 6, 8`."""
+    if len(epochs) > 1 and list(epochs) == list(range(epochs[0], epochs[-1] + 1)):
+        return f"{epochs[0]}-{epochs[-1]}"
+    return ", ".join(map(str, epochs))
 
 
 def _add_rho(table: pd.DataFrame, baseline: str, variant: str) -> pd.DataFrame:
@@ -306,11 +355,33 @@ def format_table(table: pd.DataFrame, fmt: str = "md"):
         raise UnknownNameError("format", fmt, list(FORMATS))
     if fmt == "csv":
         return table.to_csv(index=False)
+    groups = [(heading, _headers(table), [_cells(r) for _, r in rows.iterrows()], _notes(rows))
+              for heading, rows in _groups(table)]
+    return format_groups(groups, fmt, _footer(table))
+
+
+class Bold(str):
+    """A cell printed in bold (e.g. the best entry of a paper column): **x** in markdown, \\textbf in LaTeX."""
+
+
+Group = tuple[str, list[str], list[list[str]], list[str]]
+"""(heading, column headers, cell texts per row, notes) of one rendered table; a cell may be `Bold`."""
+
+
+def format_groups(groups: Sequence[Group], fmt: str, footer: str = "", notes: Sequence[str] = ()):
+    """One renderer for every table fairbench prints (fairness, statistics and the paper's tables): "rich" ->
+    list of rich renderables, "md" / "latex" -> one string with a table per group, then `notes` (a list under
+    all tables) and the footer once at the end. Cells are plain text ("±", "Δ", "–"); LaTeX escapes them."""
+    if fmt not in ("rich", "md", "latex"):
+        raise UnknownNameError("format", fmt, ["rich", "md", "latex"])
     render = {"rich": _rich_group, "md": _md_group, "latex": _latex_group}[fmt]
-    parts = [render(heading, rows, _headers(table), _notes(rows)) for heading, rows in _groups(table)]
+    parts = [render(heading, headers, cells, group_notes) for heading, headers, cells, group_notes in groups]
     if fmt == "rich":
-        return parts
-    footer = _footer(table)
+        from rich.text import Text
+
+        return parts + ([Text("\n".join(f"- {n}" for n in notes))] if notes else [])
+    if notes:
+        parts.append("\n".join(f"% {n}" if fmt == "latex" else f"- {n}" for n in notes))
     if footer:
         parts.append(f"% {footer}" if fmt == "latex" else f"_{footer}_")
     return "\n\n".join(parts) + "\n"
@@ -337,7 +408,7 @@ def _groups(table: pd.DataFrame) -> Iterable[tuple[str, pd.DataFrame]]:
 
 
 def _headers(table: pd.DataFrame) -> list[str]:
-    """Column labels; the worst columns say "worst-20%" when A_wst20 was used (metrics.md 5)."""
+    """Column labels; the worst columns say "worst-20%" when A_wst20 was used (docs/metrics.md §4)."""
     w = "worst-20%" if table.attrs.get("worst") == "min20" else "worst"
     return ["method", "seeds", "clean avg", f"clean {w}", "rho_clean", "robust avg", f"robust {w}", "rho_rob"]
 
@@ -370,18 +441,25 @@ def _footer(table: pd.DataFrame) -> str:
     return "; ".join(parts)
 
 
-def _md_group(heading: str, rows: pd.DataFrame, headers: list[str], notes: list[str]) -> str:
+def _md_group(heading: str, headers: list[str], cells: list[list[str]], notes: list[str]) -> str:
     """Heading line, pipe table, notes as a list."""
     lines = [f"### {heading}", "", "| " + " | ".join(headers) + " |",
              "| " + " | ".join(["---"] + ["---:"] * (len(headers) - 1)) + " |"]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in _cells(r)) + " |" for _, r in rows.iterrows()]
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in cells]
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines)
 
 
+def _md_cell(cell: str) -> str:
+    text = cell.replace("|", "\\|")
+    return f"**{text}**" if isinstance(cell, Bold) else text
+
+
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
-                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}"}
+                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}",
+                  "±": r"$\pm$", "Δ": r"$\Delta$", "—": "---", "–": "--"}
+_LATEX_HEADERS = {"rho_clean": r"$\rho_{\mathrm{clean}}$", "rho_rob": r"$\rho_{\mathrm{rob}}$"}
 
 
 def _tex(text: str) -> str:
@@ -389,12 +467,14 @@ def _tex(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
 
 
-def _latex_group(heading: str, rows: pd.DataFrame, headers: list[str], notes: list[str]) -> str:
+def _tex_cell(cell: str) -> str:
+    return rf"\textbf{{{_tex(cell)}}}" if isinstance(cell, Bold) else _tex(cell)
+
+
+def _latex_group(heading: str, headers: list[str], cells: list[list[str]], notes: list[str]) -> str:
     """A booktabs table environment with the heading as caption and notes under the tabular."""
-    head = [_tex(h) for h in headers]
-    head[4], head[7] = r"$\rho_{\mathrm{clean}}$", r"$\rho_{\mathrm{rob}}$"
-    body = [" & ".join(_tex(c) if i == 0 else c for i, c in enumerate(_cells(r, pm=r"$\pm$"))) + r" \\"
-            for _, r in rows.iterrows()]
+    head = [_LATEX_HEADERS.get(h, _tex(h)) for h in headers]
+    body = [" & ".join(_tex_cell(c) for c in row) + r" \\" for row in cells]
     lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{_tex(heading)}}}",
              r"\begin{tabular}{l" + "r" * (len(headers) - 1) + "}", r"\toprule",
              " & ".join(head) + r" \\", r"\midrule", *body, r"\bottomrule", r"\end{tabular}"]
@@ -404,14 +484,15 @@ def _latex_group(heading: str, rows: pd.DataFrame, headers: list[str], notes: li
     return "\n".join(lines)
 
 
-def _rich_group(heading: str, rows: pd.DataFrame, headers: list[str], notes: list[str]):
-    """A rich Table with the heading as title and the notes as caption."""
+def _rich_group(heading: str, headers: list[str], cells: list[list[str]], notes: list[str]):
+    """A rich Table with the heading as title and the notes as caption; cells as Text (never read as markup)."""
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
     t = Table(title=heading, caption="\n".join(notes) or None, caption_justify="left", box=box.SIMPLE_HEAD)
     for i, h in enumerate(headers):  # two-line headers keep narrow terminals from truncating them
         t.add_column(h.replace(" ", "\n", 1).replace("_", "\n", 1), justify="left" if i == 0 else "right")
-    for _, r in rows.iterrows():
-        t.add_row(*_cells(r))
+    for row in cells:
+        t.add_row(*(Text(c, style="bold" if isinstance(c, Bold) else "") for c in row))
     return t

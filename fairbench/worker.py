@@ -26,7 +26,7 @@ from pathlib import Path
 from fairbench.errors import FairbenchError
 from fairbench.lock import RunLockedError
 from fairbench.plan import FAILED, PROGRESS, Plan, Task
-from fairbench.results import run_dir, write_json
+from fairbench.results import is_finished, run_dir, write_json
 
 EXIT_LOCKED = 75
 """EX_TEMPFAIL: the run is held by another live process; try again later."""
@@ -82,6 +82,10 @@ class ProgressFile:
         self._write(epoch, images_per_s, force=True)
         self.inner.epoch_done(epoch, loss, images_per_s, seconds, log)
 
+    def eval_progress(self, what: str, done: int, total: int, seconds: float) -> None:
+        if hasattr(self.inner, "eval_progress"):
+            self.inner.eval_progress(what, done, total, seconds)
+
     def message(self, text: str) -> None:
         self.inner.message(text)
 
@@ -130,11 +134,19 @@ def execute(task: Task, out: Path, reporter=None, wait: bool = True, resume: boo
     except (RunLockedError, KeyboardInterrupt, SystemExit):
         raise  # not failures: another process has the run; a stop asked for (Ctrl-C, a Slurm preemption)
     except BaseException as err:
-        if task.kind == "train" or (folder / "run.json").is_file():  # never write into a folder that is no run
+        if _keeps_failure(task, folder, err):
             record_failure(folder, err)
         raise
     (folder / FAILED).unlink(missing_ok=True)
     return status
+
+
+def _keeps_failure(task: Task, folder: Path, err: BaseException) -> bool:
+    """A failure is kept in the run folder for `fairbench status`, except a refusal of the user's input on a
+    finished run (the run itself is fine) and anything in a folder that is no run."""
+    if isinstance(err, FairbenchError) and is_finished(folder):
+        return False
+    return task.kind == "train" or (folder / "run.json").is_file()
 
 
 def record_failure(folder: Path, err: BaseException | str, log_tail: list[str] | None = None,

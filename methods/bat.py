@@ -3,7 +3,7 @@
 Paper: Sun, Xu, Yao, Liang, Wu, Liang, Liu, Liu, "Improving Robust Fairness via Balance Adversarial
 Training" (arXiv 2209.07534). Official code:
 github.com/silvercherry/Improving-Robust-Fairness-via-Balance-Adversarial-Training (train.py BAT_loss,
-train_mode/stop_to_lastclean.py, train_mode/stop_to_firstadv.py). Spec: specs/methods/bat.md.
+train_mode/stop_to_lastclean.py, train_mode/stop_to_firstadv.py). Documentation: docs/methods/bat.md.
 
 Two TRADES-KL searches with early stops, each from its own clamped 0.001-normal start: the "last clean"
 point (last iterate still classified correctly) carries the CE term, the "first adversarial" point (FAT
@@ -29,8 +29,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from fairbench.attacks.training import (StoppedPoints, clean_logits, early_stopped_search, kl_per_sample,
-                                       per_sample, start_point)
+from fairbench.adversaries import (
+    StoppedPoints,
+    clean_logits,
+    early_stopped_search,
+    kl_per_sample,
+    per_sample,
+    start_point,
+)
 from fairbench.method import Batch, FairAT, RunContext, StepOut
 from fairbench.registry import register_method
 

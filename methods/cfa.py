@@ -4,11 +4,12 @@ Paper: "CFA: Class-wise Calibrated Fair Adversarial Training". Official code: gi
 (train.py, attack.py cw_trades_loss, utils.py weight_average). "TRADES + CFA" = CCM + CCR + FAWA:
 
 - per batch: TRADES-KL PGD with radius eps_k = eps[y] and a fixed step 2/255, then CFA's normalised TRADES
-  loss (1/B) sum_i (1 - b[y_i]) CE_i + b[y_i] KL_i (cfa.md 2.2); the train-mode adversarial logits of the
+  loss (1/B) sum_i (1 - b[y_i]) CE_i + b[y_i] KL_i (docs/methods/cfa.md §2.2); the train-mode adversarial logits of the
   loss are counted per class on the device (index_add, no host sync);
 - at the start of each calibrated epoch, from the previous epoch's training robust accuracy
   t_k = C * correct_k / N: eps_k = (lambda1 + t_k) eps and
-  b_k = (lambda2 + t_k) beta / (1 + (lambda2 + t_k) beta);
+  b_k = (lambda2 + t_k) beta / (1 + (lambda2 + t_k) beta) (tally, radius, weight and loss: fairbench/calibration.py,
+  shared with FAIR-TAT);
 - after each epoch: FAWA absorbs the weights when the validation worst-class PGD-10 accuracy reaches the
   threshold (fairbench/averaging.py); `eval_model` returns the FAWA model.
 
@@ -42,17 +43,13 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
-from fairbench.attacks.training import clean_logits, inner_attack, kl_per_sample
-from fairbench.averaging import Averaging, ModelAverager, worst_class_robust_accuracy
-from fairbench.method import Batch, FairAT, RunContext, StepOut, ValidationSpec
+from fairbench.adversaries import clean_logits, inner_attack
+from fairbench.averaging import Averaging, average_after_epoch, make_averager
+from fairbench.calibration import RobustTally, calibrated_radius, calibrated_trades_loss, calibrated_weight, calibrating
+from fairbench.method import Batch, FairAT, RunContext, Services, StepOut, ValidationSpec
 from fairbench.registry import register_method
-
-OFFICIAL_PROTOCOL = {"arch": "preact_resnet18", "epochs": 200, "batch_size": 128, "lr": 0.1, "momentum": 0.9,
-                     "nesterov": False, "weight_decay": 5e-4, "schedule": "madry"}
-"""PKU-ML/CFA and FAIR-TAT: PreAct ResNet-18, 200 epochs, lr 0.1 /10 at 50% /100 at 75%, SGD without Nesterov."""
 
 
 @dataclass(frozen=True)
@@ -92,98 +89,14 @@ class CfaConfig:
     """Steps of the validation PGD (CE, uniform start, eval mode)."""
 
 
-class RobustTally:
-    """Per-class counts of one epoch's train-mode adversarial predictions, kept on the device."""
-
-    def __init__(self, num_classes: int, device: torch.device):
-        self.correct = torch.zeros(num_classes, device=device)
-        """Samples of true class k predicted k."""
-        self.false_positive = torch.zeros(num_classes, device=device)
-        """Misclassified samples (of any true class) predicted as k."""
-        self.seen = 0
-
-    def reset(self) -> None:
-        self.correct.zero_()
-        self.false_positive.zero_()
-        self.seen = 0
-
-    def record(self, logits_adv: Tensor, y: Tensor) -> None:
-        """index_add only: no host synchronisation inside the training step."""
-        pred = logits_adv.detach().argmax(1)
-        hit = (pred == y).to(self.correct.dtype)
-        self.correct.index_add_(0, y, hit)
-        self.false_positive.index_add_(0, pred, 1 - hit)
-        self.seen += y.shape[0]
-
-    def accuracy(self) -> Tensor:
-        """C * correct_k / N: class-wise accuracy with the code's balanced-class normaliser (not per-class counts)."""
-        return self.correct * self.correct.shape[0] / max(self.seen, 1)
-
-    def false_positive_share(self) -> tuple[Tensor, Tensor]:
-        """(CFPS, any error): the share of all errors predicted as each class; sums to 1 when there are errors."""
-        errors = self.false_positive.sum()
-        return self.false_positive / errors.clamp_min(1), errors > 0
-
-
-def calibrating(epoch: int, begin: int) -> bool:
-    """Whether 1-indexed `epoch` uses the per-class settings: the code's 0-indexed `epoch >= begin`, and never
-    epoch 1 (no statistics yet)."""
-    return epoch > max(begin, 1)
-
-
-def calibrated_radius(acc: Tensor, lam: float, eps: float) -> Tensor:
-    """CCM (and FAIR-TAT's G-rob): eps_k = (lam + acc_k) * eps, so more robust classes get a larger radius."""
-    return (lam + acc) * eps
-
-
-def calibrated_weight(acc: Tensor, lam: float, beta: float) -> Tensor:
-    """CCR: b_k = (lam + acc_k) beta / (1 + (lam + acc_k) beta), in (0, 1), increasing with acc_k."""
-    scaled = (lam + acc) * beta
-    return scaled / (1 + scaled)
-
-
-def calibrated_trades_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, b: Tensor
-                           ) -> tuple[Tensor, Tensor, Tensor]:
-    """CFA's TRADES: (1/B) sum_i (1 - b_i) CE(f(x_i), y_i) + b_i KL(p(x_i) || p(x_adv_i)), in train mode.
-
-    Two forwards (clean first, the code's order), the clean softmax not detached, as `trades_loss`. Returns
-    (loss, clean logits, adversarial logits). With b_i = beta/(1+beta) this is TRADES / (1 + beta).
-    """
-    logits = model(x).float()
-    logits_adv = model(x_adv).float()
-    ce = F.cross_entropy(logits, y, reduction="none")
-    kl = kl_per_sample(logits, logits_adv)
-    loss = ((1 - b) * ce + b * kl).sum() / x.shape[0]
-    return loss, logits, logits_adv
-
-
-def make_averager(config: Any, owner: str, ctx: RunContext) -> ModelAverager:
-    """The FAWA/EMA keeper of CFA and FAIR-TAT; checks that FAWA has a usable validation split."""
-    if config.averaging == "fawa":
-        if ctx.val_split is None or len(ctx.val_split) == 0:
-            raise ValueError(f"{owner}: FAWA needs a validation split, but it is empty; train on more samples "
-                             "per class (2% of each class is held out) or pass --set averaging=off")
-        present = torch.bincount(ctx.val_split.labels, minlength=ctx.num_classes)
-        if bool((present == 0).any()):
-            warnings.warn(f"{owner}: the validation split misses some classes, so their accuracy is 0 and FAWA "
-                          "can start only with threshold <= 0")
-    return ModelAverager(config.averaging, config.decay, config.threshold, owner)
-
-
-def average_after_epoch(averager: ModelAverager, config: Any, ctx: RunContext) -> None:
-    """FAWA / EMA step on the trained model, scored on the validation split only when FAWA needs it."""
-    if averager.mode != "off" and ctx.model is None:
-        raise ValueError("weight averaging needs ctx.model (the engine sets it)")
-    averager.after_epoch(ctx.model, lambda: worst_class_robust_accuracy(
-        ctx, ctx.model, config.val_eps, config.val_alpha, config.val_steps))
-
-
 @register_method("cfa")
 class Cfa(FairAT):
     description = "CFA: class-wise radius (CCM) and TRADES weight (CCR) from training robust accuracy; FAWA model"
     Config = CfaConfig
-    validation = ValidationSpec(fraction=0.02, position="first")
-    official_protocol = OFFICIAL_PROTOCOL
+    services = Services(validation=ValidationSpec(fraction=0.02, position="first"))
+    official_protocol = {"arch": "preact_resnet18", "epochs": 200, "batch_size": 128, "lr": 0.1, "momentum": 0.9,
+                         "nesterov": False, "weight_decay": 5e-4, "schedule": "madry"}
+    """PKU-ML/CFA: PreAct ResNet-18, 200 epochs, lr 0.1 /10 at 50% /100 at 75%, SGD without Nesterov."""
 
     def setup(self, ctx: RunContext) -> None:
         cfg = self.config
@@ -201,7 +114,7 @@ class Cfa(FairAT):
         return (torch.full((c,), cfg.eps, device=self.device),
                 torch.full((c,), cfg.beta / (1 + cfg.beta), device=self.device))
 
-    def on_epoch_start(self, epoch: int, ctx: RunContext) -> None:
+    def on_epoch_start(self, epoch: int, model: nn.Module, ctx: RunContext) -> None:
         """CCM and CCR from the previous epoch's t (recomputed every epoch: no momentum)."""
         cfg = self.config
         self.eps, self.b = self.uniform_settings()
@@ -227,9 +140,9 @@ class Cfa(FairAT):
         self.tally.record(logits_adv, batch.y)
         return StepOut(loss)
 
-    def on_epoch_end(self, epoch: int, ctx: RunContext) -> None:
+    def on_epoch_end(self, epoch: int, model: nn.Module, ctx: RunContext) -> None:
         self.t = self.tally.accuracy()
-        average_after_epoch(self.averager, self.config, ctx)
+        average_after_epoch(self.averager, self.config, model, ctx)
 
     def eval_model(self, model: nn.Module) -> nn.Module:
         return self.averager.eval_model(model)

@@ -1,89 +1,54 @@
 """DAFA (Lee et al., ICLR 2024): distance-aware class weights scaling the CE term and the attack radius.
 
 Paper: "DAFA: Distance-Aware Fair Adversarial Training". Official code: github.com/rucy74/DAFA
-(losses.py, utils.py calculate_class_weights, train.py). After warm-up epoch `warmup` the class
-similarity of adversarial train-mode predictions gives one weight per class, frozen for the rest of
-training. Unlike the official code, the weights are checkpointed, so a resumed run keeps them.
+(losses.py, utils.py calculate_class_weights, train.py). TRADES whose per-sample class weight w[y] scales the
+radius, the step and the CE term. The weights are 1 until warm-up epoch `warmup` ends; the class similarity of
+that epoch's adversarial train-mode predictions then gives one weight per class (`dafa_weights`), frozen for the
+rest of training. Unlike the official code, the weights are checkpointed, so a resumed run keeps them.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
-from typing import Any, Literal
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+import torch.nn as nn
 
-from fairbench.classweights import dafa_weights
-from fairbench.method import Batch, RunContext
-from fairbench.methods.trades import Trades, TradesConfig
+from fairbench.adversaries import clean_logits, inner_attack, per_sample, start_point, trades_loss
+from fairbench.classweights import DafaWeights, DafaWeightsConfig, WarmupWeighted
+from fairbench.method import Batch, FairAT, RunContext, Services, StepOut
 from fairbench.registry import register_method
+from fairbench.trades_family import TradesConfig
 
 
 @dataclass(frozen=True)
-class DafaConfig(TradesConfig):
-    warmup: int = 70
-    """Epoch (1-indexed) whose adversarial predictions define the weights; used from epoch warmup+1."""
-    lam: float | None = None
-    """Weight strength lambda; None = the dataset's value (1.0 CIFAR-10, 1.5 CIFAR-100/STL-10/Tiny-ImageNet)."""
-    tie_rule: Literal["code", "paper"] = "code"
-    """Equal self-confidences: 'code' decrements both classes (official), 'paper' changes nothing."""
-    weight_loss: bool = True
-    """Scale each sample's CE by its class weight (False: the paper's '-Uniform' ablation)."""
-    weight_radius: bool = True
-    """Scale each sample's eps and step by its class weight."""
+class DafaConfig(DafaWeightsConfig, TradesConfig):
+    """The TRADES fields (fairbench/trades_family.py) and DAFA's weight options (fairbench/classweights.py)."""
 
 
 @register_method("dafa")
-class Dafa(Trades):
+class Dafa(WarmupWeighted, FairAT):
     description = "DAFA: class weights from adversarial class similarity scale CE and radius"
     Config = DafaConfig
-    needs = frozenset({"sample_memory"})
+    services = Services(sample_memory=True)
     official_protocol = {"arch": "resnet18", "epochs": 110, "lr": 0.1, "momentum": 0.9, "nesterov": True,
                          "weight_decay": 5e-4, "schedule": "bag_of_tricks"}
 
     def setup(self, ctx: RunContext) -> None:
-        self.lam = self.config.lam if self.config.lam is not None else ctx.dafa_lambda
-        self.weights = torch.ones(ctx.num_classes, device=ctx.device)
-        self.similarity = torch.zeros(ctx.num_classes, ctx.num_classes, device=ctx.device)
-        if self.uses_weights() and self.config.warmup >= ctx.epochs:
-            warnings.warn(f"{self.name}: warmup={self.config.warmup} >= epochs={ctx.epochs}, so the class "
-                          f"weights never switch on; pass --set warmup=N with N < {ctx.epochs}")
+        self.dafa = DafaWeights(self.config, ctx, self.name)
 
-    def uses_weights(self) -> bool:
-        return self.config.weight_loss or self.config.weight_radius
-
-    def sample_scale(self, y: Tensor) -> Tensor | None:
-        return self.weights[y] if self.uses_weights() else None
-
-    def radius_scale(self, scale: Tensor | None) -> Tensor | None:
-        return scale if self.config.weight_radius else None
-
-    def loss_scale(self, scale: Tensor | None) -> Tensor | None:
-        return scale if self.config.weight_loss else None
-
-    def after_loss(self, batch: Batch, logits_adv: Tensor, ctx: RunContext) -> None:
-        if ctx.memory is not None and ctx.epoch == self.config.warmup:
-            ctx.memory.record(batch.idx, F.softmax(logits_adv.detach(), dim=1), batch.y)
-
-    def on_epoch_end(self, epoch: int, ctx: RunContext) -> None:
-        if ctx.memory is None or epoch != self.config.warmup:
-            return
-        self.similarity = ctx.memory.class_similarity()
-        self.weights = dafa_weights(self.similarity, self.lam, self.config.tie_rule)
-        ctx.memory.reset()
-        if bool((self.weights <= 0).any()):
-            warnings.warn(f"{self.name}: a class weight is <= 0 ({self.weights.min().item():.3f}); "
-                          "its radius is negative, as in the official code. Lower lam to avoid this.")
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"weights": self.weights, "similarity": self.similarity, "lam": self.lam}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.weights = state["weights"].to(self.weights.device)
-        self.similarity = state["similarity"].to(self.similarity.device)
-        self.lam = state["lam"]
+    def training_loss(self, model: nn.Module, batch: Batch, ctx: RunContext) -> StepOut:
+        cfg, x, y = self.config, batch.x, batch.y
+        w = self.dafa.weights[y]  # each sample's class weight (1 until the warm-up epoch ends)
+        eps = cfg.eps * w if cfg.weight_radius else cfg.eps
+        alpha = cfg.alpha * w if cfg.weight_radius else cfg.alpha
+        start = start_point(x, per_sample(eps, x), cfg.init, ctx.generator)
+        logits_clean = clean_logits(model, x)
+        x_adv = inner_attack(model, x, logits_clean, eps=eps, alpha=alpha, steps=cfg.steps,
+                             generator=ctx.generator, start=start)
+        loss, _, logits_adv = trades_loss(model, x, x_adv, y, cfg.beta, w if cfg.weight_loss else None,
+                                          order=cfg.forward_order)
+        if ctx.epoch == cfg.warmup:
+            self.dafa.record(ctx.memory, batch.idx, logits_adv, y)
+        return StepOut(loss)
 
 
 @dataclass(frozen=True)

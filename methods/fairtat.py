@@ -5,7 +5,7 @@ Paper: "FAIR-TAT: Improving Model Fairness Using Targeted Adversarial Training" 
 Official code: github.com/TejaswiniMedi/FAIR-TAT (target_train_new.py, Targeted_attack.py; README command
 `--mode AT --ccm --lambda-r 0.5 --lambda-c 0.5 --untargeted 0 --adaptive_eps G-rob`).
 
-**This is not the official algorithm but the TRADES adaptation of fairtat.md section 2.3.** The official targeted
+**This is not the official algorithm but the TRADES adaptation of docs/methods/fairtat.md §2.** The official targeted
 attack exists only for PGD-AT (CE outer loss) and its TRADES mode ignores the targets; as TRIX does, fairbench
 turns the targeted adversary into a TRADES adversary:
 
@@ -38,11 +38,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from fairbench.attacks.training import clean_logits, inner_attack, per_sample, start_point, trades_loss
-from fairbench.averaging import Averaging
-from fairbench.method import Batch, FairAT, RunContext, StepOut, ValidationSpec
-from fairbench.methods.cfa import (OFFICIAL_PROTOCOL, RobustTally, average_after_epoch, calibrated_radius,
-                                   calibrated_trades_loss, calibrating, make_averager)
+from fairbench.adversaries import clean_logits, inner_attack, per_sample, start_point, trades_loss
+from fairbench.averaging import Averaging, average_after_epoch, make_averager
+from fairbench.calibration import RobustTally, calibrated_radius, calibrated_trades_loss, calibrating
+from fairbench.method import Batch, FairAT, RunContext, Services, StepOut, ValidationSpec
 from fairbench.registry import register_method
 
 
@@ -123,8 +122,10 @@ class FairTat(FairAT):
     description = ("FAIR-TAT (fairbench TRADES adaptation): targets drawn from softmax(2*CFPS), "
                    "CFA radius from training robust accuracy")
     Config = FairTatConfig
-    validation = ValidationSpec(fraction=0.02, position="first")
-    official_protocol = OFFICIAL_PROTOCOL
+    services = Services(validation=ValidationSpec(fraction=0.02, position="first"))
+    official_protocol = {"arch": "preact_resnet18", "epochs": 200, "batch_size": 128, "lr": 0.1, "momentum": 0.9,
+                         "nesterov": False, "weight_decay": 5e-4, "schedule": "madry"}
+    """The FAIR-TAT code's (that of CFA): PreAct ResNet-18, 200 epochs, lr 0.1 /10 at 50% /100 at 75%."""
 
     def setup(self, ctx: RunContext) -> None:
         cfg, c = self.config, ctx.num_classes
@@ -139,7 +140,7 @@ class FairTat(FairAT):
             warnings.warn(f"{self.name}: begin={cfg.begin} >= epochs={ctx.epochs}, so radius and targets stay "
                           f"uniform; pass --set begin=N with N < {ctx.epochs}")
 
-    def on_epoch_start(self, epoch: int, ctx: RunContext) -> None:
+    def on_epoch_start(self, epoch: int, model: nn.Module, ctx: RunContext) -> None:
         """G-rob radius and q from the previous epoch's statistics; uniform before `begin`."""
         cfg, c = self.config, self.acc.shape[0]
         on = calibrating(epoch, cfg.begin)
@@ -181,12 +182,12 @@ class FairTat(FairAT):
         self.tally.record(logits_adv, batch.y)
         return StepOut(loss)
 
-    def on_epoch_end(self, epoch: int, ctx: RunContext) -> None:
+    def on_epoch_end(self, epoch: int, model: nn.Module, ctx: RunContext) -> None:
         """acc and CFPS of this epoch (CFPS without any error keeps the previous one, hence the previous q)."""
         self.acc = self.tally.accuracy()
         share, any_error = self.tally.false_positive_share()
         self.cfps = torch.where(any_error, share, self.cfps)
-        average_after_epoch(self.averager, self.config, ctx)
+        average_after_epoch(self.averager, self.config, model, ctx)
 
     def eval_model(self, model: nn.Module) -> nn.Module:
         return self.averager.eval_model(model)

@@ -7,12 +7,12 @@ held-out validation split (the last 6% of each class: 300 of 5000 on CIFAR-10) g
 boundary error; projected dual ascent turns the violations of "within tau of the average" into per-class
 weights on the TRADES CE and KL terms (reweight, RW) and, for RWRM, per-class attack radii (remargin, RM).
 
-FRL fine-tunes an adversarially trained model (spec option (a)): `hot_start = "trades"` makes the runner
+FRL fine-tunes an adversarially trained model (docs/methods/frl.md §2.1): `hot_start = "trades"` makes the runner
 train or find the TRADES run of the same dataset, arch and seed under the common protocol and start from its
 final checkpoint; this run's `official_protocol` (40 epochs, SGD lr 1e-3, momentum 0.9, wd 5e-4) then always
 applies. The run's `init_from` (part of its protocol and id) records which checkpoint it started from.
 
-Choices where the spec leaves room (specs/methods/frl.md):
+Choices where the official code leaves room (docs/methods/frl.md §4):
 - General C: w_k = 1/C + lam_k - sum(lam)/C (the code hard-codes C = 10; identical values there).
 - rate1 halves before the update of every epoch e with e % 40 == 0; it is computed from the epoch, so a
   resumed run needs no extra state. The multipliers are checkpointed (the official code cannot resume).
@@ -36,11 +36,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from fairbench.adversaries import clean_logits, inner_attack, kl_per_sample
 from fairbench.attacks.pgd import PGD
-from fairbench.attacks.training import clean_logits, inner_attack, kl_per_sample
-from fairbench.errors import FairbenchError
-from fairbench.evaluate import evaluate_split
-from fairbench.method import Batch, FairAT, RunContext, StepOut, ValidationSpec
+from fairbench.evaluation import evaluate_split
+from fairbench.method import Batch, FairAT, RunContext, Services, StepOut, ValidationSpec
 from fairbench.registry import register_method
 
 
@@ -168,13 +167,10 @@ def class_rates(labels: np.ndarray, clean_ok: np.ndarray, adv_ok: np.ndarray, nu
     return ValidationErrors(*(torch.as_tensor(v, dtype=torch.float32, device=device) for v in rates))
 
 
-def validation_errors(ctx: RunContext, cfg: FrlConfig) -> ValidationErrors:
-    """Clean and CE-PGD verdicts of `ctx.model` as it stands, on `ctx.val_split` in eval mode, as rates."""
-    if ctx.val_split is None or ctx.model is None:
-        raise FairbenchError("FRL needs the engine's validation split and ctx.model (see `validation`)")
+def validation_errors(model: nn.Module, ctx: RunContext, cfg: FrlConfig) -> ValidationErrors:
+    """Clean and CE-PGD verdicts of `model` as it stands, on `ctx.val_split` in eval mode, as rates."""
     attack = PGD(cfg.val_eps, steps=cfg.val_steps, alpha=cfg.val_alpha)
-    samples = evaluate_split(ctx.model, ctx.val_split, [attack], cfg.val_eps, ctx.eval_batch_size,
-                             seed=ctx.epoch)
+    samples = evaluate_split(model, ctx.val_split, [attack], cfg.val_eps, ctx.eval_batch_size, seed=ctx.epoch)
     clean = samples[samples.suite == "clean"].set_index("sample_idx")
     adv = samples[samples.suite != "clean"].set_index("sample_idx").loc[clean.index]
     labels = clean["label"].to_numpy().astype(np.int64)
@@ -195,7 +191,7 @@ def weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
 class Frl(FairAT):
     description = "FRL-RWRM: validation-driven multipliers set per-class TRADES CE/KL weights and radii"
     Config = FrlConfig
-    validation = ValidationSpec(fraction=0.06, position="last")
+    services = Services(validation=ValidationSpec(fraction=0.06, position="last"))
     hot_start = "trades"
     official_protocol = {"epochs": 40, "lr": 0.001, "schedule": "constant", "weight_decay": 5e-4,
                          "nesterov": False, "momentum": 0.9}
@@ -210,9 +206,9 @@ class Frl(FairAT):
         self.w0, self.w1 = class_weights(self.lam0), class_weights(self.lam1)
         self.rho = radius_factor(self.lam2, self.config.rho_min, self.config.rho_max)
 
-    def on_epoch_start(self, epoch: int, ctx: RunContext) -> None:
+    def on_epoch_start(self, epoch: int, model: nn.Module, ctx: RunContext) -> None:
         cfg = self.config
-        g0, g1 = violations(validation_errors(ctx, cfg), cfg.tau0, cfg.tau1)
+        g0, g1 = violations(validation_errors(model, ctx, cfg), cfg.tau0, cfg.tau1)
         rate1 = rate1_at(epoch, cfg.rate1, cfg.rate1_halving)
         lams = (self.lam0, self.lam1, self.lam2)
         self.lam0, self.lam1, self.lam2 = update_multipliers(lams, g0, g1, rate1, cfg)

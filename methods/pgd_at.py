@@ -30,7 +30,7 @@ from typing import Literal
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fairbench.attacks.training import inner_attack
+from fairbench.adversaries import inner_attack
 from fairbench.method import Batch, FairAT, RunContext, StepOut
 from fairbench.registry import register_method
 

@@ -7,7 +7,7 @@ a held-out validation split (the last 6% of each class: 300 of 5000 on CIFAR-10)
 the overall cost of an "average" expert; the costs accumulate over all epochs and the expert weights become
 w = C softmax(eta S). Each sample's TRADES loss is weighted by w[y] + w[C].
 
-Choices where the spec leaves room (specs/methods/wat.md):
+Choices where the official code leaves room (docs/methods/wat.md §4):
 - The official code keeps identical "natural" and "boundary" weight vectors; one vector `weights` serves both.
 - Costs use the official normalisation by n_batches * val_batch_size (3072 instead of 3000 on CIFAR-10);
   `normaliser="exact_mean"` divides by the class and split sizes instead.
@@ -26,10 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from fairbench.attacks.training import clean_logits, eval_mode, inner_attack, kl_per_sample
+from fairbench.adversaries import clean_logits, eval_mode, inner_attack, kl_per_sample
 from fairbench.data.loader import DeviceSplit, eval_batches
-from fairbench.errors import FairbenchError
-from fairbench.method import Batch, FairAT, RunContext, StepOut, ValidationSpec
+from fairbench.method import Batch, FairAT, RunContext, Services, StepOut, ValidationSpec
 from fairbench.registry import register_method
 
 
@@ -105,7 +104,7 @@ def hedge_weights(cumulative: Tensor, eta: float) -> Tensor:
 class Wat(FairAT):
     description = "WAT: Hedge weights over C classes + an average expert from cumulative validation losses"
     Config = WatConfig
-    validation = ValidationSpec(fraction=0.06, position="last")
+    services = Services(validation=ValidationSpec(fraction=0.06, position="last"))
     official_protocol = {"arch": "resnet18", "epochs": 100, "batch_size": 128, "lr": 0.1,
                          "schedule": "trades", "weight_decay": 2e-4, "nesterov": False, "momentum": 0.9}
 
@@ -121,11 +120,9 @@ class Wat(FairAT):
         scale = self.weights[batch.y] + self.weights[-1]
         return StepOut((scale * losses).mean())
 
-    def on_epoch_end(self, epoch: int, ctx: RunContext) -> None:
-        if ctx.val_split is None or ctx.model is None:
-            raise FairbenchError("WAT needs the engine's validation split and ctx.model (see `validation`)")
+    def on_epoch_end(self, epoch: int, model: nn.Module, ctx: RunContext) -> None:
         cfg = self.config
-        losses = validation_losses(ctx.model, ctx.val_split, cfg, ctx.num_classes, ctx.generator)
+        losses = validation_losses(model, ctx.val_split, cfg, ctx.num_classes, ctx.generator)
         self.costs = self.costs + epoch_costs(losses, cfg.normaliser, cfg.val_batch_size)
         self.weights = hedge_weights(self.costs, cfg.eta)
 

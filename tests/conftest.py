@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fairbench.data import load_dataset
-from fairbench.method import RunContext, SampleMemory
+from fairbench.engine import build_context, training_splits
+from fairbench.method import FairAT, RunContext, Services
 from fairbench.models import create_model
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -33,23 +34,24 @@ def digits_batch(digits):
 
 def make_context(num_classes: int = 10, num_train: int = 64, epochs: int = 4, epoch: int = 1,
                  memory: bool = True, seed: int = 0) -> RunContext:
-    gen = torch.Generator().manual_seed(seed)
-    return RunContext(num_classes=num_classes, device=torch.device("cpu"), epochs=epochs, dataset="digits",
-                      class_names=tuple(str(i) for i in range(num_classes)), dafa_lambda=1.0, num_train=num_train,
-                      epoch=epoch, generator=gen,
-                      memory=SampleMemory(num_train, num_classes, torch.device("cpu")) if memory else None)
+    """A bare context from the engine's own `build_context` (no validation split), for tests of single steps."""
+    ctx = build_context(Services(sample_memory=memory), num_classes, torch.device("cpu"), epochs, num_train)
+    ctx.epoch = epoch
+    ctx.generator.manual_seed(seed)
+    return ctx
 
 
-def setup_method(cls, model, digits, config=None, **context):
-    """A method set up as the engine does: the services it declares (sample memory, a real validation
-    split of 60 digits) and `ctx.model`."""
-    from fairbench.data.loader import DeviceSplit
-
+def build_method(cls: type[FairAT], dataset, config=None, *, epochs: int = 4, epoch: int = 1, seed: int = 0,
+                 train_per_class: int | None = None) -> tuple[FairAT, RunContext]:
+    """A method set up as `Trainer.build` sets it up, through the engine's own functions: the training and
+    validation splits of `dataset` (`training_splits`), the context with the services the method declares
+    (`build_context`), then `setup`. The generator is seeded with `seed` and the epoch set, as `fit` does."""
     method = cls(config if config is not None else cls.Config())
-    ctx = make_context(memory="sample_memory" in cls.needs, **context)
-    ctx.model = model
-    if cls.validation is not None:
-        ctx.val_split = DeviceSplit.from_arrays(digits.train, torch.device("cpu")).subset(torch.arange(1000, 1060))
+    cpu = torch.device("cpu")
+    train, val = training_splits(dataset, method.services, cpu, train_per_class)
+    ctx = build_context(method.services, dataset.num_classes, cpu, epochs, len(train), val)
+    ctx.epoch = epoch
+    ctx.generator.manual_seed(seed)
     method.setup(ctx)
     return method, ctx
 

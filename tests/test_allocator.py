@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 PROBE = """
 import resource, sys
 import torch
-import fairbench.evaluate as evaluate
+import fairbench.evaluation as evaluate
 from fairbench.allocator import keep_freed_memory
 from fairbench.attacks.fab import FAB
 from fairbench.data import load_dataset

@@ -9,7 +9,8 @@ from fairbench.attacks.a3 import A3, BIAS, DISCARD, OPENING, cosine_step, n_targ
 from fairbench.attacks.registry import DESCRIPTIONS, create_attack
 from fairbench.data import load_dataset
 from fairbench.data.loader import DeviceSplit
-from fairbench.evaluate import evaluate_split, per_class_counts, robust_flags
+from fairbench.evaluation import evaluate_split
+from fairbench.records import per_class_counts, robust_flags
 from fairbench.spec import RunSpec
 from tests.attack_fixtures import trained_digits_model
 

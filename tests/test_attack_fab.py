@@ -1,5 +1,5 @@
 """FAB-T: the exact L-infinity projection, agreement with torchattacks' FAB, the linear known-answer test of
-evaluation.md 15.3, and invariants (feasibility, eps = 0, inactive samples, batch size)."""
+docs/evaluation.md §15, and invariants (feasibility, eps = 0, inactive samples, batch size)."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,7 +14,7 @@ from fairbench.attacks.registry import create_attack
 from fairbench.data import load_dataset
 from fairbench.data.loader import DeviceSplit
 from fairbench.errors import ClassCountError
-from fairbench.evaluate import evaluate_split
+from fairbench.evaluation import evaluate_split
 from tests.attack_fixtures import digits_test, trained_digits_model
 
 EPS = 8 / 255

@@ -1,4 +1,4 @@
-"""The exact speedups of evaluation.md 14 and the options around them: the search model (folded BatchNorm,
+"""The exact speedups of docs/evaluation.md §14 and the options around them: the search model (folded BatchNorm,
 channels_last, bf16 with fp32 confirmation), runs side by side, Square's answers from memory, AA plus,
 the official-package adapter's absence."""
 from __future__ import annotations
@@ -20,8 +20,9 @@ from fairbench.attacks.square import Square
 from fairbench.data import load_dataset
 from fairbench.data.loader import DeviceSplit
 from fairbench.errors import FairbenchError
-from fairbench.evaluate import cpu_shards, evaluate_split, robust_flags
+from fairbench.evaluation import cpu_shards, evaluate_split
 from fairbench.models import create_model
+from fairbench.records import robust_flags
 from fairbench.spec import RunSpec, resolve
 from tests.attack_fixtures import digits_test, trained_digits_model
 

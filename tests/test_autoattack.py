@@ -14,7 +14,8 @@ from fairbench.attacks.autoattack import AutoAttack
 from fairbench.attacks.pgd import PGD
 from fairbench.data import load_dataset
 from fairbench.data.loader import DeviceSplit
-from fairbench.evaluate import evaluate_split, per_class_counts, robust_flags
+from fairbench.evaluation import evaluate_split
+from fairbench.records import per_class_counts, robust_flags
 from tests.attack_fixtures import trained_digits_model
 
 EPS = 0.1
@@ -93,7 +94,7 @@ def linear_problem(c: int, n: int = 200, seed: int = 0):
                                   lambda eps: A3(eps)])
 def test_known_answers_on_a_two_class_linear_model(make):
     """With two classes the sign of the CE gradient is the optimal L-inf direction and the box never binds,
-    so exactly the samples with radius < eps can be broken (evaluation.md 15.3)."""
+    so exactly the samples with radius < eps can be broken (docs/evaluation.md §15)."""
     model, x, y, radius = linear_problem(2)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -1,4 +1,5 @@
-"""FAWA / EMA weight averaging (cfa.md 2.5): first copy, decay, integer buffers, cached eval model, resume."""
+"""FAWA / EMA weight averaging (docs/methods/cfa.md §2.5): first copy, decay, integer buffers, cached eval model,
+resume."""
 from __future__ import annotations
 
 import copy

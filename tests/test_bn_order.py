@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fairbench.attacks.training import trades_loss
+from fairbench.adversaries import trades_loss
 from fairbench.method import Batch
 from fairbench.registry import get_method_class
 from fairbench.spec import RunSpec, resolve
-from tests.conftest import setup_method
+from tests.conftest import build_method
 
 ADVERSARIAL_FIRST = ("trades", "dafa", "dafa-uniform", "trix", "trix-basic", "trix-uniform", "targeted-trades")
 CLEAN_FIRST = ("cfa", "frl", "frl-rw", "wat", "fairtat")
@@ -40,7 +40,7 @@ def _config(name: str, **changes):
 
 def _one_step(name: str, model: nn.Module, digits, batch: Batch, **changes):
     """One `training_loss` on `model` in train mode; returns (loss, train-mode inputs in forward order, ctx)."""
-    method, ctx = setup_method(get_method_class(name), model, digits, _config(name, **changes), epochs=20)
+    method, ctx = build_method(get_method_class(name), digits, _config(name, **changes), epochs=20)
     ctx.generator.manual_seed(11)
     seen: list[torch.Tensor] = []
     hook = model.register_forward_hook(lambda m, args, out: seen.append(args[0].detach()) if m.training else None)

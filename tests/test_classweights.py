@@ -1,4 +1,5 @@
-"""DAFA weights and the TRIX split against direct loops over the spec's rules, on random inputs."""
+"""DAFA weights and the TRIX split against direct loops over the documented rules (docs/methods/dafa.md §2.2,
+docs/methods/trix.md §2.1), on random inputs."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +10,7 @@ from fairbench.classweights import batch_class_similarity, dafa_weights, random_
 
 
 def loop_weights(p: torch.Tensor, lam: float, tie_rule: str = "code") -> torch.Tensor:
-    """The official pairwise loop (dafa.md 2.3), written out term by term in the same order."""
+    """The official pairwise loop (docs/methods/dafa.md §2.2), written out term by term in the same order."""
     c = p.shape[0]
     w = torch.ones(c, dtype=p.dtype)
     for i in range(c):

@@ -5,8 +5,8 @@ import subprocess
 
 import pandas as pd
 import pytest
-from tests.conftest import run_cli
 
+from tests.conftest import run_cli
 
 TINY = ["--epochs", "3", "--train-per-class", "30", "--eval-per-class", "10", "--set", "warmup=1",
         "--set", "steps=2", "--eval-last", "2"]
@@ -33,21 +33,60 @@ def test_run_then_table_end_to_end(tmp_path):
     table = subprocess.run(["fairbench", "table", "--results", str(out), "--format", "md"],
                            capture_output=True, text=True)
     assert table.returncode == 0, table.stderr
-    lines = {line.split("|")[1].strip(): line for line in table.stdout.splitlines() if line.startswith("| ")}
-    assert {"trades", "dafa", "trix"} <= set(lines)
-    assert "rho_rob" in table.stdout and "±" in lines["trix"]
-    assert lines["trades"].count("0.00") >= 2  # the baseline's own rho
+    rows = md_rows(table.stdout)
+    assert set(rows) == {"trades", "dafa", "trix"}
+    assert rows["trades"]["rho_clean"] == rows["trades"]["rho_rob"] == "0.00"  # the baseline's own rho
+    for method in ("dafa", "trix"):
+        assert rows[method]["seeds"] == "2" and " ± " in rows[method]["robust worst"]
+        note = " ".join(line for line in table.stdout.splitlines() if line.startswith(f"- {method}: "))
+        for column in ("rho_clean", "rho_rob"):  # a number, or n/a with the note that says why
+            cell = rows[method][column]
+            assert f"{column} undefined" in note if cell == "n/a" else float(cell) == float(cell)
 
     rich = subprocess.run(["fairbench", "table", "--results", str(out)], capture_output=True, text=True)
     assert rich.returncode == 0 and "trix" in rich.stdout
 
 
+def md_rows(text: str) -> dict[str, dict[str, str]]:
+    """method -> {column header: cell} of a markdown table printed by `fairbench table --format md`."""
+    header, rows = None, {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("| ") else []
+        if not cells or cells[0].startswith("---"):
+            continue
+        if cells[0] == "method":
+            header = cells
+        else:
+            rows[cells[0]] = dict(zip(header, cells))
+    return rows
+
+
+def rich_rows(text: str) -> dict[str, list[str]]:
+    """First cell -> the other cells (wrapped lines joined, spaces dropped) of a rich table with row lines."""
+    rows, current = {}, None
+    for line in text.splitlines():
+        if not line.startswith("│"):
+            current = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("│").split("│")]
+        if current is None:
+            current = rows.setdefault(cells[0], [""] * (len(cells) - 1))
+        for i, cell in enumerate(cells[1:]):
+            current[i] += cell.replace(" ", "")
+    return rows
+
+
 def test_methods_lists_builtins_with_defaults(capsys):
+    from fairbench import __version__
+    from fairbench.registry import list_methods
+
     code, out, _ = fairbench(["methods"], capsys)
     assert code == 0
-    for name in ("trades", "dafa", "trix", "trix-basic", "trix-uniform", "dafa-uniform"):
-        assert name in out
-    assert "warmup=70" in out and "fairbench" in out
+    rows = rich_rows(out)
+    assert sorted(rows) == list_methods()  # every method once, in name order
+    assert all(source == f"fairbench{__version__}" for source, _, _ in rows.values())  # built-ins
+    assert "warmup=70," in rows["dafa"][2] and "lam=1.0," in rows["dafa"][2]
+    assert "lam_batch=1.0" in rows["trix"][2] and "warmup" not in rows["trades"][2]
 
 
 def test_describe_shows_field_meaning(capsys):
@@ -122,3 +161,87 @@ def test_config_errors_are_clear(capsys, tmp_path):
     assert code == 2 and "unknown scale 'tiny'; choose one of: smoke" in " ".join(err.split())
     code, _, err = fairbench(["run", "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "--config" in err
+
+
+# --------------------------------------------------------------------- run options from the RunSpec fields
+
+def help_records(command_name: str) -> dict[str, tuple[str, str]]:
+    """Parameter name -> (flags, help text) of a command's options, as its --help prints them (unwrapped)."""
+    import click
+
+    from fairbench.cli import cli
+
+    command = cli.commands[command_name]
+    ctx = click.Context(command, info_name=command_name)
+    return {p.name: p.get_help_record(ctx) for p in command.params if isinstance(p, click.Option)}
+
+
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_help_lists_every_runspec_field_with_its_docstring(command, capsys):
+    """`fairbench run --help` is generated from the run fields: an option per RunSpec field, its help line the
+    field's docstring."""
+    import dataclasses
+
+    from fairbench.config import field_docs
+    from fairbench.runspec import RunSpec, run_options
+
+    code, out, _ = fairbench([command, "--help"], capsys)
+    assert code == 0
+    docs, records, printed = field_docs(RunSpec), help_records(command), "".join(out.split())
+    with_cli = {o.name: o for o in run_options()}
+    for f in dataclasses.fields(RunSpec):
+        assert f.name in with_cli and docs.get(f.name), f"RunSpec.{f.name} has no option or no docstring"
+        doc, (flags, text) = " ".join(docs[f.name].split()), records[f.name]
+        assert with_cli[f.name].flag in flags.split("/")[0] and text.startswith(doc), f.name
+        assert "".join(doc.split()) in printed, f.name  # the help as printed (wrapped) holds the docstring
+
+
+def planned(args: list[str], tmp_path, capsys):
+    """The resolved run of a one-run grid, as `fairbench plan` names it."""
+    import json
+
+    from fairbench.runspec import RunSpec
+    from fairbench.spec import resolve
+
+    code, out, err = fairbench(["plan", *args, "--format", "json", "--out", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    (task,) = json.loads(out)
+    return resolve(RunSpec.from_dict(task["args"]["spec"]))
+
+
+def test_momentum_and_nesterov_reach_the_run_from_the_command_line_and_the_grid(tmp_path, capsys):
+    import json
+
+    config = tmp_path / "grid.toml"
+    config.write_text('[grid]\nmethods = ["trades"]\ndatasets = ["digits"]\nmomentum = 0.5\nnesterov = false\n')
+    default = planned(["--methods", "trades"], tmp_path, capsys)
+    option = planned(["--methods", "trades", "--momentum", "0.5", "--no-nesterov"], tmp_path, capsys)
+    grid = planned(["--config", str(config)], tmp_path, capsys)
+    assert (default.optim["momentum"], default.optim["nesterov"]) == (0.9, True)
+    assert (option.optim["momentum"], option.optim["nesterov"]) == (grid.optim["momentum"], grid.optim["nesterov"]) \
+        == (0.5, False)
+    assert option.run_id == grid.run_id != default.run_id
+    assert planned(["--methods", "trades", "--momentum", "1/2", "--no-nesterov"], tmp_path, capsys).run_id == \
+        option.run_id  # a number may be written as a fraction, and the run is the same
+    code, out, err = fairbench(["plan", "--config", str(config), "--momentum", "0.8", "--format", "json", "--out",
+                                str(tmp_path / "out")], capsys)  # beside --config, the option wins
+    assert code == 0 and json.loads(out)[0]["args"]["spec"]["momentum"] == 0.8
+    assert "--momentum from the command line override the config's values" in " ".join(err.split())
+
+
+@pytest.mark.parametrize("args, line, expected", [
+    (["--momentum", "-1"], None, "--momentum must be >= 0"),
+    (["--momentum", "fast"], None, "Invalid value for '--momentum': 'fast' is not a number"),
+    ([], 'nesterov = "yes"', "grid key nesterov expects true or false, got 'yes'"),
+    ([], "momentum = -1", "--momentum must be >= 0"),
+    ([], 'lr = "1/0"', "grid key lr expects a number or a fraction"),
+    ([], "channels_last = true", "unknown grid key 'channels_last'"),  # the machine's, not the grid's
+])
+def test_bad_momentum_and_nesterov_are_refused(args, line, expected, tmp_path, capsys):
+    grid = ["--methods", "trades"]
+    if line:
+        config = tmp_path / "grid.toml"
+        config.write_text(f'[grid]\nmethods = ["trades"]\ndatasets = ["digits"]\n{line}\n')
+        grid = ["--config", str(config)]
+    code, _, err = fairbench(["plan", *grid, *args, "--out", str(tmp_path)], capsys)
+    assert code == 2 and expected in " ".join(err.split())

@@ -1,4 +1,4 @@
-"""The automatic checks of an evaluation (evaluation.md 7.4 and 11): each flag is raised by a model that has
+"""The automatic checks of an evaluation (docs/evaluation.md §11): each flag is raised by a model that has
 the property and not by an ordinary one; an attack that touches the model stops the evaluation."""
 from __future__ import annotations
 
@@ -17,9 +17,15 @@ from fairbench.attacks.registry import ComponentOutput, EvalAttack
 from fairbench.attacks.square import Square
 from fairbench.data import load_dataset
 from fairbench.data.loader import DeviceSplit
-from fairbench.evalchecks import (ModelStateChangedError, epoch_checks, model_flags, robust_accuracy, suite_flags,
-                                  warnings_for)
-from fairbench.evaluate import evaluate_split
+from fairbench.evalchecks import (
+    ModelStateChangedError,
+    epoch_checks,
+    model_flags,
+    robust_accuracy,
+    suite_flags,
+    warnings_for,
+)
+from fairbench.evaluation import evaluate_split
 from fairbench.results import run_dir, write_json
 from fairbench.runner import run_one
 from fairbench.spec import RunSpec, resolve

@@ -10,8 +10,8 @@ import torch
 from fairbench.data import load_dataset
 from fairbench.data.loader import DeviceSplit
 from fairbench.errors import FairbenchError
-from fairbench.evaluate import robust_flags, union_of_suites
 from fairbench.evalrun import evaluate_resumable, evaluate_run, select_epochs
+from fairbench.records import robust_flags, union_of_suites
 from fairbench.results import run_dir
 from fairbench.runner import run_one
 from fairbench.spec import RunSpec, resolve

@@ -14,7 +14,8 @@ from fairbench.attacks.pgd import PGD, project
 from fairbench.attacks.rng import per_sample_uniform
 from fairbench.data import load_dataset
 from fairbench.data.loader import DeviceSplit
-from fairbench.evaluate import cascade_prefixes, evaluate_split, per_class_counts, robust_flags
+from fairbench.evaluation import evaluate_split
+from fairbench.records import cascade_prefixes, per_class_counts, robust_flags
 from fairbench.tables import derived_rows
 from tests.attack_fixtures import trained_digits_model
 

@@ -17,7 +17,7 @@ from tests.conftest import run_cli
 from tests.test_launch import runs, same_results
 
 if importlib.util.find_spec("ray") is None:  # not importorskip: Ray must be imported after the env below is set
-    pytest.skip("Ray is not installed (pip install 'fairbench[ray]')", allow_module_level=True)
+    pytest.skip("Ray is not installed (pip install 'fairbench-at[ray]')", allow_module_level=True)
 
 DIGITS = ["--dataset", "digits", "--eval-per-class", "5", "--eval-last", "1"]
 

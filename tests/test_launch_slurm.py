@@ -17,7 +17,7 @@ from tests.conftest import run_cli
 from tests.test_launch import fairbench, finish, runs, same_results
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("submitit", reason="the Slurm launcher needs submitit (pip install 'fairbench[slurm]')")
+pytest.importorskip("submitit", reason="the Slurm launcher needs submitit (pip install 'fairbench-at[slurm]')")
 
 STATE = Path(os.environ.get("FAIRBENCH_SLURM_DIR", "/tmp/fairbench-slurm"))
 

@@ -1,23 +1,18 @@
-"""BAT against bat.md: early-stopped searches versus a literal per-sample loop, the outer loss, a real run."""
+"""BAT against docs/methods/bat.md: early-stopped searches versus a literal per-sample loop, the outer loss."""
 from __future__ import annotations
 
 import copy
 import math
 
-import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from fairbench.attacks.training import (clean_logits, early_stopped_search, inner_attack, kl_per_sample,
-                                        start_point)
-from fairbench.method import Batch
 from fairbench.methods.bat import Bat, BatConfig, kl_to_uniform
+
+from fairbench.adversaries import clean_logits, early_stopped_search, inner_attack, kl_per_sample, start_point
+from fairbench.method import Batch
 from fairbench.models import create_model
-from fairbench.results import run_dir
-from fairbench.runner import run_one
-from fairbench.spec import RunSpec, resolve
 from tests.conftest import make_context
 
 K = 10
@@ -195,11 +190,3 @@ def test_uniform_terms_are_log_c_minus_entropy_and_vanish_for_constant_logits(di
     nn.init.zeros_(constant[1].weight), nn.init.zeros_(constant[1].bias)
     loss = Bat().training_loss(constant, Batch(x, y, idx), make_context(memory=False)).loss
     assert torch.allclose(loss, torch.tensor(math.log(10)))  # CE log C, every KL 0
-
-
-def test_real_run_writes_classwise(tmp_path):
-    spec = RunSpec(method="bat", dataset="digits", epochs=2, train_per_class=30, eval_per_class=10,
-                   eval_last=1, overrides={"steps": "2"})
-    run_one(spec, tmp_path)
-    table = pd.read_parquet(run_dir(tmp_path, resolve(spec).run_id) / "classwise.parquet")
-    assert set(table["method"]) == {"bat"} and len(table) > 0

@@ -1,4 +1,4 @@
-"""CFA against cfa.md section 5: CCM/CCR and their timing, t_k, the normalised TRADES loss, FAWA, a real run."""
+"""CFA against docs/methods/cfa.md §5: CCM/CCR and their timing, t_k, the normalised TRADES loss, FAWA, a real run."""
 from __future__ import annotations
 
 import copy
@@ -9,37 +9,32 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from fairbench.methods.cfa import Cfa, CfaConfig
+from fairbench.methods.trades import Trades, TradesConfig
 
-from fairbench.attacks.training import inner_attack, clean_logits, trades_loss
+from fairbench.adversaries import clean_logits, inner_attack, trades_loss
 from fairbench.averaging import WeightAverage
+from fairbench.calibration import RobustTally, calibrated_radius, calibrated_trades_loss, calibrated_weight
 from fairbench.checkpoint import list_checkpoints
 from fairbench.data import load_dataset
 from fairbench.data.loader import DeviceSplit, eval_batches, stratified_subset
-from fairbench.evaluate import margins
+from fairbench.evaluation import margins
 from fairbench.method import Batch
-from fairbench.methods.cfa import (Cfa, CfaConfig, RobustTally, calibrated_radius, calibrated_trades_loss,
-                                   calibrated_weight)
-from fairbench.methods.trades import Trades, TradesConfig
 from fairbench.models import create_model
 from fairbench.runner import run_one
 from fairbench.spec import RunSpec, resolve
-from tests.conftest import make_context
+from tests.conftest import build_method, make_context
 
 EPS = 8 / 255
 
 
-def build(cls: type, model, digits, epochs: int = 20, **overrides) -> tuple[object, object]:
-    """Engine order: config (validation PGD shortened), context with the model and a validation split, setup."""
-    method = cls(cls.Config(**{"val_steps": 2, **overrides}))
-    ctx = make_context(epochs=epochs, memory=False)
-    ctx.model = model
-    ctx.val_split = DeviceSplit.from_arrays(digits.train, torch.device("cpu")).subset(torch.arange(1000, 1060))
-    method.setup(ctx)
-    return method, ctx
+def build(cls: type, digits, epochs: int = 20, **overrides) -> tuple[object, object]:
+    """As the engine builds it (its validation split: the first 2% of each class), validation PGD shortened."""
+    return build_method(cls, digits, cls.Config(**{"val_steps": 2, **overrides}), epochs=epochs)
 
 
-def _method(model, digits, **overrides) -> tuple[Cfa, object]:
-    return build(Cfa, model, digits, **overrides)
+def _method(digits, **overrides) -> tuple[Cfa, object]:
+    return build(Cfa, digits, **overrides)
 
 
 def trades_reference(model, batch: Batch, seed: int, steps: int) -> torch.Tensor:
@@ -54,11 +49,11 @@ T = torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0])
 
 
 def test_ccm_ccr_by_hand_and_their_timing(tiny_model, digits):
-    method, ctx = _method(tiny_model, digits, averaging="off")
+    method, ctx = _method(digits, averaging="off")
     method.t = T.clone()
-    method.on_epoch_start(10, ctx)  # 1-indexed epoch 10 = the code's epoch 9 < begin: the constants
+    method.on_epoch_start(10, tiny_model, ctx)  # 1-indexed epoch 10 = the code's epoch 9 < begin: the constants
     assert torch.equal(method.eps, torch.full((10,), EPS)) and torch.allclose(method.b, torch.full((10,), 6 / 7))
-    method.on_epoch_start(11, ctx)  # = the code's epoch 10 >= begin: calibrated from the previous t
+    method.on_epoch_start(11, tiny_model, ctx)  # = the code's epoch 10 >= begin: calibrated from the previous t
     assert torch.allclose(method.eps, (0.5 + T) * EPS)
     assert method.eps[0].item() == pytest.approx(4 / 255) and method.eps[9].item() == pytest.approx(12 / 255)
     assert method.eps[5].item() == pytest.approx(EPS)
@@ -70,27 +65,27 @@ def test_ccm_ccr_by_hand_and_their_timing(tiny_model, digits):
 
 def test_switches_and_edge_cases(tiny_model, digits):
     for kw, eps_varies, b_varies in (({"ccm": False}, False, True), ({"ccr": False}, True, False)):
-        method, ctx = _method(tiny_model, digits, averaging="off", **kw)
+        method, ctx = _method(digits, averaging="off", **kw)
         method.t = T.clone()
-        method.on_epoch_start(11, ctx)
+        method.on_epoch_start(11, tiny_model, ctx)
         assert (method.eps.unique().numel() > 1) == eps_varies and (method.b.unique().numel() > 1) == b_varies
-    method, ctx = _method(tiny_model, digits, averaging="off", lambda1=1.0, begin=0)
-    method.on_epoch_start(1, ctx)  # begin 0: epoch 1 still has no statistics, so it stays uniform
+    method, ctx = _method(digits, averaging="off", lambda1=1.0, begin=0)
+    method.on_epoch_start(1, tiny_model, ctx)  # begin 0: epoch 1 still has no statistics, so it stays uniform
     assert torch.equal(method.eps, torch.full((10,), EPS))
     method.t = torch.zeros(10)
-    method.on_epoch_start(2, ctx)
+    method.on_epoch_start(2, tiny_model, ctx)
     assert torch.allclose(method.eps, torch.full((10,), EPS))  # lambda1 = 1, t = 0: eps_k = eps
     assert torch.allclose(calibrated_radius(torch.tensor([0.3, 0.7]), 0.5, EPS), torch.tensor([0.8, 1.2]) * EPS)
 
 
 def test_t_from_known_logits(tiny_model, digits):
-    method, ctx = _method(tiny_model, digits, averaging="off")
-    method.on_epoch_start(1, ctx)
+    method, ctx = _method(digits, averaging="off")
+    method.on_epoch_start(1, tiny_model, ctx)
     y = torch.tensor([0, 0, 1, 2, 2, 2])
     pred = torch.tensor([0, 1, 1, 2, 0, 2])
     method.tally.record(F.one_hot(pred, 10).float() * 5, y)
     method.tally.record(F.one_hot(torch.tensor([3, 4]), 10).float(), torch.tensor([3, 5]))
-    method.on_epoch_end(1, ctx)
+    method.on_epoch_end(1, tiny_model, ctx)
     expected = torch.zeros(10)
     expected[:4] = torch.tensor([1.0, 1.0, 2.0, 1.0])
     assert torch.allclose(method.t, expected * 10 / 8)  # C * correct_k / N, N = 8 samples seen
@@ -98,9 +93,9 @@ def test_t_from_known_logits(tiny_model, digits):
 
 def test_loss_and_statistics_against_direct_computation(tiny_model, digits_batch, digits):
     x, y, idx = digits_batch
-    method, ctx = _method(tiny_model, digits, averaging="off", steps=3)
+    method, ctx = _method(digits, averaging="off", steps=3)
     method.t = torch.linspace(0.1, 0.9, 10)
-    method.on_epoch_start(11, ctx)
+    method.on_epoch_start(11, tiny_model, ctx)
     reference = copy.deepcopy(tiny_model)
     ctx.generator.manual_seed(5)
     loss = method.training_loss(tiny_model, Batch(x, y, idx), ctx).loss
@@ -130,45 +125,46 @@ def test_normalised_loss_is_trades_over_one_plus_beta(tiny_model, digits_batch, 
 
     losses = {}
     for normalised in (True, False):
-        method, ctx = _method(copy.deepcopy(tiny_model), digits, averaging="off", steps=2,
-                              normalised_trades=normalised)
-        method.on_epoch_start(1, ctx)
+        method, ctx = _method(digits, averaging="off", steps=2, normalised_trades=normalised)
+        model = copy.deepcopy(tiny_model)
+        method.on_epoch_start(1, model, ctx)
         ctx.generator.manual_seed(3)
-        losses[normalised] = method.training_loss(ctx.model, Batch(x, y, idx), ctx).loss
+        losses[normalised] = method.training_loss(model, Batch(x, y, idx), ctx).loss
     assert torch.allclose(losses[False], 7 * losses[True], rtol=1e-6)
 
 
 def test_uniform_settings_reproduce_trades_with_step_2_over_255(tiny_model, digits_batch, digits):
     """lambda1 = 1 and t = 0 give eps_k = eps: without CCR and normalisation, CFA is TRADES (alpha 2/255)."""
     x, y, idx = digits_batch
-    method, ctx = _method(copy.deepcopy(tiny_model), digits, averaging="off", steps=3, lambda1=1.0, ccr=False,
+    method, ctx = _method(digits, averaging="off", steps=3, lambda1=1.0, ccr=False,
                           normalised_trades=False, begin=1)
     method.t = torch.zeros(10)
-    method.on_epoch_start(2, ctx)
+    model = copy.deepcopy(tiny_model)
+    method.on_epoch_start(2, model, ctx)
     ctx.generator.manual_seed(9)
-    ours = method.training_loss(ctx.model, Batch(x, y, idx), ctx).loss
+    ours = method.training_loss(model, Batch(x, y, idx), ctx).loss
     assert torch.allclose(ours, trades_reference(tiny_model, Batch(x, y, idx), seed=9, steps=3), rtol=1e-5)
 
 
 def test_fawa_copy_decay_fallback_and_resume(tiny_model, digits_batch, digits):
     x, y, idx = digits_batch
-    method, ctx = _method(tiny_model, digits, threshold=1.01, steps=1)
-    method.on_epoch_start(1, ctx)
-    method.on_epoch_end(1, ctx)
+    method, ctx = _method(digits, threshold=1.01, steps=1)
+    method.on_epoch_start(1, tiny_model, ctx)
+    method.on_epoch_end(1, tiny_model, ctx)
     assert not method.averager.average.started and 0 <= method.averager.last_score <= 1
     with pytest.warns(UserWarning, match="FAWA never started"):
         assert method.eval_model(tiny_model) is tiny_model
 
-    method, ctx = _method(tiny_model, digits, threshold=0.0, steps=1)
-    method.on_epoch_start(1, ctx)
-    method.on_epoch_end(1, ctx)  # accepted: FAWA becomes a bit-identical copy
+    method, ctx = _method(digits, threshold=0.0, steps=1)
+    method.on_epoch_start(1, tiny_model, ctx)
+    method.on_epoch_end(1, tiny_model, ctx)  # accepted: FAWA becomes a bit-identical copy
     first = copy.deepcopy(method.averager.average.weights)
     assert all(torch.equal(first[k], v) for k, v in tiny_model.state_dict().items())
     opt = torch.optim.SGD(tiny_model.parameters(), lr=0.1)
-    method.on_epoch_start(2, ctx)
+    method.on_epoch_start(2, tiny_model, ctx)
     loss = method.training_loss(tiny_model, Batch(x, y, idx), ctx).loss
     opt.zero_grad(), loss.backward(), opt.step()
-    method.on_epoch_end(2, ctx)
+    method.on_epoch_end(2, tiny_model, ctx)
     w = tiny_model.state_dict()["fc.weight"]
     assert torch.equal(method.averager.average.weights["fc.weight"], first["fc.weight"] * 0.88 + w * (1 - 0.88))
     fawa = method.eval_model(tiny_model)
@@ -178,7 +174,7 @@ def test_fawa_copy_decay_fallback_and_resume(tiny_model, digits_batch, digits):
     buffer = io.BytesIO()  # the checkpoint path: torch.save, then a weights-only load
     torch.save(method.state_dict(), buffer)
     buffer.seek(0)
-    fresh, _ = _method(copy.deepcopy(tiny_model), digits, threshold=0.0, steps=1)
+    fresh, _ = _method(digits, threshold=0.0, steps=1)
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     assert torch.equal(fresh.t, method.t) and torch.equal(fresh.b, method.b)
     with torch.no_grad():
@@ -198,7 +194,7 @@ def test_official_protocol_and_defaults():
     assert (cfg.lambda1, cfg.lambda2, cfg.begin, cfg.decay, cfg.threshold) == (0.5, 0.5, 10, 0.88, 0.24)
     assert (cfg.beta, cfg.eps, cfg.alpha, cfg.steps) == (6.0, EPS, 2 / 255, 10)
     assert cfg.normalised_trades and cfg.averaging == "fawa"
-    assert Cfa.validation.fraction == 0.02 and Cfa.validation.position == "first"
+    assert Cfa.services.validation.fraction == 0.02 and Cfa.services.validation.position == "first"
     official = resolve(RunSpec(method="cfa", dataset="cifar10", protocol="official"))
     assert (official.arch, official.epochs, official.batch_size) == ("preact_resnet18", 200, 128)
     assert official.optim == {"lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 5e-4,

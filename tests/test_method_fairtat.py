@@ -1,4 +1,4 @@
-"""FAIR-TAT (TRADES adaptation) against fairtat.md section 5: CFPS and q, targets, radius, losses, a real run."""
+"""FAIR-TAT (TRADES adaptation) against docs/methods/fairtat.md §5: CFPS and q, targets, radius, losses, a real run."""
 from __future__ import annotations
 
 import copy
@@ -9,20 +9,25 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from fairbench.methods.fairtat import (
+    FairTat,
+    FairTatConfig,
+    official_collision_targets,
+    restricted_targets,
+    target_distribution,
+)
 from scipy.stats import chi2
 
-from fairbench.attacks.training import inner_attack, per_sample, start_point
+from fairbench.adversaries import inner_attack, per_sample, start_point
 from fairbench.checkpoint import list_checkpoints
 from fairbench.method import Batch
-from fairbench.methods.fairtat import (FairTat, FairTatConfig, official_collision_targets, restricted_targets,
-                                       target_distribution)
 from fairbench.runner import run_one
 from fairbench.spec import RunSpec, resolve
 from tests.test_method_cfa import EPS, build, trades_reference
 
 
-def _method(model, digits, **overrides) -> tuple[FairTat, object]:
-    return build(FairTat, model, digits, **overrides)
+def _method(digits, **overrides) -> tuple[FairTat, object]:
+    return build(FairTat, digits, **overrides)
 
 
 def _record(method: FairTat, y: list[int], pred: list[int]) -> None:
@@ -30,11 +35,11 @@ def _record(method: FairTat, y: list[int], pred: list[int]) -> None:
 
 
 def test_cfps_q_and_radius_from_known_predictions(tiny_model, digits):
-    method, ctx = _method(tiny_model, digits)
-    method.on_epoch_start(1, ctx)  # epoch 1: uniform radius, uniform targets
+    method, ctx = _method(digits)
+    method.on_epoch_start(1, tiny_model, ctx)  # epoch 1: uniform radius, uniform targets
     assert torch.equal(method.eps, torch.full((10,), EPS)) and torch.allclose(method.q, torch.full((10,), 0.1))
     _record(method, y=[0, 0, 1, 2, 3, 3], pred=[0, 1, 1, 1, 0, 3])
-    method.on_epoch_end(1, ctx)
+    method.on_epoch_end(1, tiny_model, ctx)
     acc = torch.zeros(10)
     acc[[0, 1, 3]] = 10 / 6  # C * correct_k / N
     cfps = torch.zeros(10)
@@ -42,29 +47,29 @@ def test_cfps_q_and_radius_from_known_predictions(tiny_model, digits):
     assert torch.allclose(method.acc, acc) and torch.allclose(method.cfps, cfps)
     assert method.cfps.sum().item() == pytest.approx(1.0)
 
-    method.on_epoch_start(2, ctx)  # begin = 1 (the code's 0-indexed epoch 1): calibrated
+    method.on_epoch_start(2, tiny_model, ctx)  # begin = 1 (the code's 0-indexed epoch 1): calibrated
     assert torch.allclose(method.eps, (0.5 + acc) * EPS)
     expected_q = torch.exp(2 * cfps) / torch.exp(2 * cfps).sum()
     assert torch.allclose(method.q, expected_q) and method.q.sum().item() == pytest.approx(1.0)
     assert (method.q.max() / method.q.min()).item() <= math.e ** 2 + 1e-5
 
     _record(method, y=[4, 5], pred=[4, 5])  # no error this epoch: CFPS, hence q, stay as they were
-    method.on_epoch_end(2, ctx)
-    method.on_epoch_start(3, ctx)
+    method.on_epoch_end(2, tiny_model, ctx)
+    method.on_epoch_start(3, tiny_model, ctx)
     assert torch.allclose(method.cfps, cfps) and torch.allclose(method.q, expected_q)
 
 
 def test_begin_and_random_target_timing(tiny_model, digits):
-    method, ctx = _method(tiny_model, digits, begin=3)
+    method, ctx = _method(digits, begin=3)
     method.acc, method.cfps = torch.full((10,), 0.5), torch.linspace(0, 0.2, 10)
-    method.on_epoch_start(3, ctx)
+    method.on_epoch_start(3, tiny_model, ctx)
     assert torch.equal(method.eps, torch.full((10,), EPS)) and torch.allclose(method.q, torch.full((10,), 0.1))
-    method.on_epoch_start(4, ctx)
+    method.on_epoch_start(4, tiny_model, ctx)
     assert torch.allclose(method.eps, torch.full((10,), EPS))  # acc 0.5, lambda_r 0.5: eps_k = eps
     assert not torch.allclose(method.q, torch.full((10,), 0.1))
-    method, ctx = _method(tiny_model, digits, random_target=True)
+    method, ctx = _method(digits, random_target=True)
     method.cfps = torch.linspace(0, 0.2, 10)
-    method.on_epoch_start(5, ctx)
+    method.on_epoch_start(5, tiny_model, ctx)
     assert torch.allclose(method.q, torch.full((10,), 0.1))
 
 
@@ -116,9 +121,9 @@ def test_loss_forms_against_direct_computation(tiny_model, digits_batch, digits)
     losses = {}
     for normalised in (False, True):
         model = copy.deepcopy(tiny_model)
-        method, ctx = _method(model, digits, steps=3, normalised_trades=normalised)
+        method, ctx = _method(digits, steps=3, normalised_trades=normalised)
         method.acc, method.cfps = torch.linspace(0.2, 0.8, 10), torch.linspace(0, 0.2, 10)
-        method.on_epoch_start(2, ctx)
+        method.on_epoch_start(2, model, ctx)
         reference = copy.deepcopy(model)
         ctx.generator.manual_seed(4)
         losses[normalised] = method.training_loss(model, Batch(x, y, idx), ctx).loss
@@ -135,9 +140,9 @@ def test_loss_forms_against_direct_computation(tiny_model, digits_batch, digits)
 
 def test_targeted_attack_stays_in_class_radius_and_raises_the_target(tiny_model, digits_batch, digits):
     x, y, _ = digits_batch
-    method, ctx = _method(tiny_model, digits, steps=10)
+    method, ctx = _method(digits, steps=10)
     method.acc, method.cfps = torch.linspace(0.0, 1.0, 10), torch.linspace(0, 0.2, 10)
-    method.on_epoch_start(2, ctx)
+    method.on_epoch_start(2, tiny_model, ctx)
     ctx.generator.manual_seed(2)
     x_adv, targets = method.adversarial(tiny_model, x, y, ctx)
     eps_i = method.eps[y]
@@ -153,27 +158,28 @@ def test_targeted_attack_stays_in_class_radius_and_raises_the_target(tiny_model,
 
 def test_untargeted_with_uniform_radius_is_trades_exactly(tiny_model, digits_batch, digits):
     x, y, idx = digits_batch
-    method, ctx = _method(copy.deepcopy(tiny_model), digits, steps=3, untargeted=True)
-    method.on_epoch_start(1, ctx)
+    method, ctx = _method(digits, steps=3, untargeted=True)
+    model = copy.deepcopy(tiny_model)
+    method.on_epoch_start(1, model, ctx)
     ctx.generator.manual_seed(6)
-    ours = method.training_loss(ctx.model, Batch(x, y, idx), ctx).loss
+    ours = method.training_loss(model, Batch(x, y, idx), ctx).loss
     assert torch.equal(ours, trades_reference(tiny_model, Batch(x, y, idx), seed=6, steps=3))
 
 
 def test_state_round_trip_and_optional_averaging(tiny_model, digits_batch, digits):
     x, _, _ = digits_batch
-    method, ctx = _method(tiny_model, digits)
+    method, ctx = _method(digits)
     assert method.eval_model(tiny_model) is tiny_model  # averaging off by default: the last model
-    method, ctx = _method(tiny_model, digits, averaging="fawa", threshold=0.0)
-    method.on_epoch_start(1, ctx)
+    method, ctx = _method(digits, averaging="fawa", threshold=0.0)
+    method.on_epoch_start(1, tiny_model, ctx)
     _record(method, y=[0, 1], pred=[1, 1])
-    method.on_epoch_end(1, ctx)
+    method.on_epoch_end(1, tiny_model, ctx)
     averaged = method.eval_model(tiny_model)
     assert averaged is not tiny_model
     buffer = io.BytesIO()
     torch.save(method.state_dict(), buffer)
     buffer.seek(0)
-    fresh, _ = _method(copy.deepcopy(tiny_model), digits, averaging="fawa", threshold=0.0)
+    fresh, _ = _method(digits, averaging="fawa", threshold=0.0)
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     assert all(torch.equal(getattr(fresh, k), getattr(method, k)) for k in ("acc", "cfps", "eps", "q"))
     with torch.no_grad():

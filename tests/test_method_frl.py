@@ -1,4 +1,4 @@
-"""FRL (specs/methods/frl.md section 5): multiplier updates, weights, radii and loss, on real tiny models."""
+"""FRL (docs/methods/frl.md §5): multiplier updates, weights, radii and loss, on real tiny models."""
 from __future__ import annotations
 
 import copy
@@ -11,9 +11,6 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-
-from fairbench.attacks.training import clean_logits, inner_attack, trades_loss
-from fairbench.method import Batch
 from fairbench.methods.frl import (
     Frl,
     FrlConfig,
@@ -25,17 +22,20 @@ from fairbench.methods.frl import (
     rate1_at,
     update_multipliers,
 )
+
+from fairbench.adversaries import clean_logits, inner_attack, trades_loss
+from fairbench.method import Batch
 from fairbench.registry import get_method_class
 from fairbench.results import run_dir
 from fairbench.runner import run_one
 from fairbench.spec import RunSpec, resolve
-from tests.conftest import setup_method
+from tests.conftest import build_method
 
 CPU = torch.device("cpu")
 
 
-def frl_setup(cls, model, digits, **overrides):
-    return setup_method(cls, model, digits, dataclasses.replace(cls.Config(), **overrides))
+def frl_setup(cls, digits, **overrides):
+    return build_method(cls, digits, dataclasses.replace(cls.Config(), **overrides))
 
 
 def official_weights(lam: torch.Tensor) -> torch.Tensor:
@@ -122,8 +122,8 @@ def test_rate_halving_applies_in_the_epoch_40_update(tiny_model, digits):
     """Same model, same validation draws (ctx.epoch fixed): the epoch-40 step is half the epoch-39 step."""
     lams = {}
     for epoch in (39, 40):
-        method, ctx = frl_setup(Frl, tiny_model, digits, tau0=0.0, tau1=0.0, rate1=0.01, val_steps=2)
-        method.on_epoch_start(epoch, ctx)
+        method, ctx = frl_setup(Frl, digits, tau0=0.0, tau1=0.0, rate1=0.01, val_steps=2)
+        method.on_epoch_start(epoch, tiny_model, ctx)
         lams[epoch] = method.lam0
     assert lams[39].sum() > 0 and lams[39].sum() < 0.5                  # no rescaling involved
     assert torch.allclose(lams[40] * 2, lams[39])
@@ -143,10 +143,11 @@ def test_class_rates_official_boundary_error_can_be_negative():
 
 
 def test_large_tau_keeps_uniform_weights_and_rwrm_radius_drifts_to_floor(tiny_model, digits):
-    """Spec 5: tau = 1 makes every g negative, so w = 1/C; RWRM's unprojected lam2 pulls rho to 0.98."""
+    """docs/methods/frl.md §5: tau = 1 makes every g negative, so w = 1/C; RWRM's unprojected lam2 pulls rho to
+    0.98."""
     for cls, rho in ((Frl, 0.98), (FrlRw, 1.0)):
-        method, ctx = frl_setup(cls, tiny_model, digits, tau0=1.0, tau1=1.0, val_steps=2)
-        method.on_epoch_start(1, ctx)
+        method, ctx = frl_setup(cls, digits, tau0=1.0, tau1=1.0, val_steps=2)
+        method.on_epoch_start(1, tiny_model, ctx)
         assert torch.equal(method.lam0, torch.zeros(10)) and torch.equal(method.lam1, torch.zeros(10))
         assert torch.allclose(method.w0, torch.full((10,), 0.1))
         assert torch.allclose(method.w1, torch.full((10,), 0.1))
@@ -155,9 +156,9 @@ def test_large_tau_keeps_uniform_weights_and_rwrm_radius_drifts_to_floor(tiny_mo
 
 
 def test_validation_uses_the_pre_epoch_model_in_eval_mode(tiny_model, digits):
-    method, ctx = frl_setup(Frl, tiny_model.train(), digits, tau0=0.0, tau1=0.0, val_steps=2)
+    method, ctx = frl_setup(Frl, digits, tau0=0.0, tau1=0.0, val_steps=2)
     before = copy.deepcopy(tiny_model.state_dict())
-    method.on_epoch_start(1, ctx)
+    method.on_epoch_start(1, tiny_model, ctx)
     assert tiny_model.training
     for k, v in tiny_model.state_dict().items():
         assert torch.equal(v, before[k]), k                     # BatchNorm statistics untouched
@@ -172,7 +173,7 @@ def with_multipliers(method: Frl, lam0, lam1, lam2) -> None:
 
 def test_loss_is_weighted_mean_of_ce_and_kl(tiny_model, digits, digits_batch):
     x, y, idx = digits_batch
-    method, ctx = frl_setup(Frl, tiny_model.train(), digits, steps=3)
+    method, ctx = frl_setup(Frl, digits, steps=3)
     lam0 = normalize_multiplier(torch.linspace(-0.2, 0.3, 10), 0.5)
     lam1 = normalize_multiplier(torch.linspace(0.3, -0.2, 10), 0.5)
     lam2 = torch.linspace(-0.3, 0.6, 10)
@@ -197,7 +198,7 @@ def test_loss_is_weighted_mean_of_ce_and_kl(tiny_model, digits, digits_batch):
 
 def test_rwrm_step_is_a_quarter_of_the_largest_radius_in_the_batch(tiny_model, digits, digits_batch):
     x, y, idx = digits_batch
-    method, ctx = frl_setup(Frl, tiny_model, digits, steps=3)
+    method, ctx = frl_setup(Frl, digits, steps=3)
     with_multipliers(method, torch.zeros(10), torch.zeros(10), torch.linspace(-0.1, 0.4, 10))
     assert torch.allclose(method.attack_step(method.rho[y] * (8 / 255)), method.rho[y].max() * 2 / 255)
     ctx.generator.manual_seed(3)
@@ -209,9 +210,10 @@ def test_rwrm_step_is_a_quarter_of_the_largest_radius_in_the_batch(tiny_model, d
 
 
 def test_rw_with_uniform_weights_equals_trades_with_frl_beta(tiny_model, digits, digits_batch):
-    """Spec 5: weights 1/C make both weighted means plain means: the TRADES loss (beta 1.5, alpha 2/255)."""
+    """docs/methods/frl.md §5: weights 1/C make both weighted means plain means: the TRADES loss (beta 1.5,
+    alpha 2/255)."""
     x, y, idx = digits_batch
-    method, ctx = frl_setup(FrlRw, tiny_model.train(), digits, steps=3)
+    method, ctx = frl_setup(FrlRw, digits, steps=3)
     model_a, model_b = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
     ctx.generator.manual_seed(5)
     loss = method.training_loss(model_a, Batch(x, y, idx), ctx).loss
@@ -222,10 +224,10 @@ def test_rw_with_uniform_weights_equals_trades_with_frl_beta(tiny_model, digits,
 
 
 def test_state_round_trip_rederives_weights(tiny_model, digits):
-    method, _ = frl_setup(Frl, tiny_model, digits)
+    method, _ = frl_setup(Frl, digits)
     with_multipliers(method, torch.full((10,), 0.05), torch.zeros(10), torch.full((10,), 0.2))
     state = method.state_dict()
-    fresh, _ = frl_setup(Frl, tiny_model, digits)
+    fresh, _ = frl_setup(Frl, digits)
     fresh.load_state_dict(state)
     for key in ("lam0", "lam1", "lam2", "w0", "w1", "rho"):
         assert torch.equal(getattr(fresh, key), state[key]), key
@@ -237,7 +239,7 @@ def test_registration_and_protocol():
     assert frl is Frl and rw is FrlRw
     for cls in (frl, rw):
         assert cls.hot_start == "trades"
-        assert (cls.validation.fraction, cls.validation.position) == (0.06, "last")
+        assert (cls.services.validation.fraction, cls.services.validation.position) == (0.06, "last")
         assert cls.official_protocol == {"epochs": 40, "lr": 0.001, "schedule": "constant",
                                          "weight_decay": 5e-4, "nesterov": False, "momentum": 0.9}
     rwrm, rwc = Frl.Config(), FrlRw.Config()

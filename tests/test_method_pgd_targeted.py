@@ -1,23 +1,17 @@
-"""PGD-AT and TARGETED TRADES: the adversaries' objectives, outer losses, plumbing equivalence, real runs."""
+"""PGD-AT and TARGETED TRADES: the adversaries' objectives, outer losses, plumbing equivalence."""
 from __future__ import annotations
 
 import copy
 
-import pandas as pd
-import pytest
 import torch
 import torch.nn.functional as F
-
-from fairbench.attacks.training import clean_logits, inner_attack, start_point, trades_loss
-from fairbench.classweights import random_wrong_targets
-from fairbench.method import Batch
 from fairbench.methods.pgd_at import PgdAt, PgdAtConfig
 from fairbench.methods.targeted_trades import TargetedTrades
-from fairbench.methods.trades import TradesConfig
-from fairbench.methods.trix import TrixBasic
-from fairbench.results import run_dir
-from fairbench.runner import run_one
-from fairbench.spec import RunSpec, resolve
+
+from fairbench.adversaries import clean_logits, inner_attack, start_point, trades_loss
+from fairbench.classweights import random_wrong_targets
+from fairbench.method import Batch
+from fairbench.trades_family import TradesConfig
 from tests.conftest import make_context
 
 
@@ -58,12 +52,12 @@ def test_pgd_at_loss_is_ce_at_x_adv_in_train_mode(tiny_model, digits_batch):
 
 
 def test_targets_are_wrong_classes_for_every_sample(digits_batch):
+    """The targets TARGETED TRADES (and TRIX) draw: never the label, every wrong class reachable."""
     _, y, _ = digits_batch
-    method, ctx = TargetedTrades(), make_context(memory=False)
+    ctx = make_context(memory=False)
     seen = torch.zeros(10, 10, dtype=torch.long)
     for _ in range(50):
-        targets, targeted = method.adversary_targets(torch.zeros(len(y), 10), y, ctx)
-        assert targeted.dtype == torch.bool and targeted.all()
+        targets = random_wrong_targets(y, 10, ctx.generator)
         assert (targets != y).all()
         seen.index_put_((y, targets), torch.ones_like(y), accumulate=True)
     present = torch.unique(y)
@@ -71,23 +65,14 @@ def test_targets_are_wrong_classes_for_every_sample(digits_batch):
     assert (seen[present][off_diagonal] > 0).all()  # every wrong class is drawn
 
 
-class TrixAllTargeted(TrixBasic):
-    """TRIX without weights, its targeted mask forced all-true (trix.md: the targeted branch for everyone)."""
-
-    def adversary_targets(self, logits_clean, y, ctx):
-        targets, _ = super().adversary_targets(logits_clean, y, ctx)
-        return targets, torch.ones_like(y, dtype=torch.bool)
-
-
-def test_equals_trix_inner_attack_with_the_mask_forced_true(tiny_model, digits_batch):
+def test_equals_trix_targeted_branch_for_every_sample(tiny_model, digits_batch):
+    """docs/methods/targeted-trades.md: TRIX's targeted branch (noise first, then targets, targeted CE descent,
+    TRADES loss) for everyone."""
     x, y, idx = digits_batch
     model = tiny_model.train()
-    trix = TrixAllTargeted()
-    trix.setup(make_context(memory=False))
     batch = Batch(x, y, idx)
-    losses = [method.training_loss(copy.deepcopy(model), batch, make_context(memory=False, seed=9)).loss
-              for method in (TargetedTrades(), trix)]
-    assert torch.equal(losses[0], losses[1])
+    out = TargetedTrades().training_loss(copy.deepcopy(model), batch, make_context(memory=False, seed=9))
+    assert torch.equal(out.log["targeted"], torch.tensor(1.0))
 
     cfg, gen = TradesConfig(), torch.Generator().manual_seed(9)  # by hand: noise first, then targets
     start = start_point(x, torch.tensor(cfg.eps), "normal", gen)
@@ -95,7 +80,7 @@ def test_equals_trix_inner_attack_with_the_mask_forced_true(tiny_model, digits_b
     targets = random_wrong_targets(y, 10, gen)
     x_adv = inner_attack(model, x, logits, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.steps, generator=None,
                          targets=targets, targeted=torch.ones_like(y, dtype=torch.bool), start=start)
-    assert torch.equal(losses[0], trades_loss(copy.deepcopy(model), x, x_adv, y, cfg.beta)[0])
+    assert torch.equal(out.loss, trades_loss(copy.deepcopy(model), x, x_adv, y, cfg.beta)[0])
 
 
 def test_target_probability_rises(tiny_model, digits_batch):
@@ -110,12 +95,3 @@ def test_target_probability_rises(tiny_model, digits_batch):
         p_start = F.softmax(model(start), 1).gather(1, targets[:, None])
         p_adv = F.softmax(model(x_adv), 1).gather(1, targets[:, None])
     assert p_adv.mean() > p_start.mean() and (p_adv > p_start).float().mean() > 0.9
-
-
-@pytest.mark.parametrize("method", ["pgd-at", "targeted-trades"])
-def test_real_run_writes_classwise(tmp_path, method):
-    spec = RunSpec(method=method, dataset="digits", epochs=2, train_per_class=30, eval_per_class=10,
-                   eval_last=1, overrides={"steps": "2"})
-    run_one(spec, tmp_path)
-    table = pd.read_parquet(run_dir(tmp_path, resolve(spec).run_id) / "classwise.parquet")
-    assert set(table["method"]) == {method} and len(table) > 0

@@ -1,4 +1,4 @@
-"""WAT (specs/methods/wat.md section 5): cost normalisation, cumulative Hedge weights, the weighted loss."""
+"""WAT (docs/methods/wat.md §5): cost normalisation, cumulative Hedge weights, the weighted loss."""
 from __future__ import annotations
 
 import copy
@@ -8,20 +8,20 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
-from fairbench.attacks.training import clean_logits, inner_attack, trades_loss
-from fairbench.method import Batch
 from fairbench.methods.wat import ValidationLosses, Wat, epoch_costs, hedge_weights
+
+from fairbench.adversaries import clean_logits, inner_attack, trades_loss
+from fairbench.method import Batch
 from fairbench.registry import get_method_class
 from fairbench.runner import run_one
 from fairbench.spec import RunSpec
-from tests.conftest import setup_method
+from tests.conftest import build_method
 
 CPU = torch.device("cpu")
 
 
-def wat_setup(model, digits, **overrides):
-    return setup_method(Wat, model, digits, dataclasses.replace(Wat.Config(), **overrides))
+def wat_setup(digits, **overrides):
+    return build_method(Wat, digits, dataclasses.replace(Wat.Config(), **overrides))
 
 
 # -- costs and weights -------------------------------------------------------------------------------------
@@ -70,7 +70,7 @@ def test_eta_zero_gives_c_over_c_plus_one_and_permutation_permutes():
 
 def test_first_epoch_weights_are_all_ones_and_loss_is_twice_trades(tiny_model, digits, digits_batch):
     x, y, idx = digits_batch
-    method, ctx = wat_setup(tiny_model.train(), digits, steps=3)
+    method, ctx = wat_setup(digits, steps=3)
     assert torch.equal(method.weights, torch.ones(11)) and torch.equal(method.costs, torch.zeros(11))
     model_a, model_b = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
     ctx.generator.manual_seed(4)
@@ -83,7 +83,7 @@ def test_first_epoch_weights_are_all_ones_and_loss_is_twice_trades(tiny_model, d
 
 def test_loss_equals_per_sample_and_official_two_term_forms(tiny_model, digits, digits_batch):
     x, y, idx = digits_batch
-    method, ctx = wat_setup(tiny_model.train(), digits, steps=3)
+    method, ctx = wat_setup(digits, steps=3)
     weights = hedge_weights(torch.linspace(0.0, 5.0, 11), 0.1)
     method.load_state_dict({"costs": torch.linspace(0.0, 5.0, 11), "weights": weights})
     model_a, model_b = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
@@ -129,12 +129,12 @@ def direct_costs(model, split, seed: int, batch_size: int) -> torch.Tensor:
 
 def test_epoch_end_accumulates_costs_and_sets_softmax_weights(tiny_model, digits):
     model = tiny_model.train()
-    method, ctx = wat_setup(model, digits, steps=2, val_batch_size=16)   # 60 samples: n_b * B = 64
+    method, ctx = wat_setup(digits, steps=2, val_batch_size=16)   # 88 samples: n_b * B = 96
     before = copy.deepcopy(model.state_dict())
     costs = []
     for epoch, seed in ((1, 11), (2, 12)):
         ctx.generator.manual_seed(seed)
-        method.on_epoch_end(epoch, ctx)
+        method.on_epoch_end(epoch, model, ctx)
         costs.append(direct_costs(copy.deepcopy(model), ctx.val_split, seed, 16))
     assert model.training
     for k, v in model.state_dict().items():
@@ -146,9 +146,9 @@ def test_epoch_end_accumulates_costs_and_sets_softmax_weights(tiny_model, digits
 
 
 def test_state_round_trip(tiny_model, digits):
-    method, ctx = wat_setup(tiny_model, digits, steps=1)
-    method.on_epoch_end(1, ctx)
-    fresh, _ = wat_setup(tiny_model, digits)
+    method, ctx = wat_setup(digits, steps=1)
+    method.on_epoch_end(1, tiny_model, ctx)
+    fresh, _ = wat_setup(digits)
     fresh.load_state_dict(method.state_dict())
     assert torch.equal(fresh.costs, method.costs) and torch.equal(fresh.weights, method.weights)
 
@@ -156,7 +156,7 @@ def test_state_round_trip(tiny_model, digits):
 def test_registration_and_protocol():
     cls = get_method_class("wat")
     assert cls is Wat and cls.hot_start is None
-    assert (cls.validation.fraction, cls.validation.position) == (0.06, "last")
+    assert (cls.services.validation.fraction, cls.services.validation.position) == (0.06, "last")
     assert cls.official_protocol == {"arch": "resnet18", "epochs": 100, "batch_size": 128, "lr": 0.1,
                                      "schedule": "trades", "weight_decay": 2e-4, "nesterov": False,
                                      "momentum": 0.9}

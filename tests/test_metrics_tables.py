@@ -12,7 +12,7 @@ import pytest
 from fairbench import metrics, tables
 from fairbench.errors import FairbenchError, UnknownNameError
 
-# --------------------------------------------------------------------------- DAFA table (metrics.md 7)
+# --------------------------------------------------------------------------- DAFA table (docs/metrics.md §8)
 # dataset -> method -> (clean avg, clean worst, rho_nat, robust avg, robust worst, rho_rob)
 DAFA_TABLE = {
     "CIFAR-10": {
@@ -76,7 +76,7 @@ def test_dafa_cifar10_robust_worked_example():
     assert got == pytest.approx(0.4176, abs=1e-4)
 
 
-# ------------------------------------------------------------------------- TRIX Table 1a (metrics.md 5.1)
+# ------------------------------------------------------------------------- TRIX Table 1a (docs/metrics.md §6)
 # Documents the inconsistency of the paper's table; no single formula matches every entry.
 TRIX_BASE = {"clean": (82.17, 66.21), "rob": (49.74, 23.11)}
 TRIX_ROWS = {"DAFA": {"clean": (81.90, 67.90), "rob": (49.45, 30.20)},
@@ -305,8 +305,40 @@ def test_fairness_table_notes_robust_columns_from_fewer_samples():
     df = synthetic_results()
     aa = df[(df["attack"] == "pgd20") & (df["epoch"] == 6)].assign(attack="aa", n=10, correct=5)
     t = tables.fairness_table(pd.concat([df, aa], ignore_index=True)).set_index("attack")
-    assert all("robust columns from 30 of 250 test samples per checkpoint" in n for n in t.loc["aa", "note"])
+    assert all("robust columns from 30 of 250 test samples at every checkpoint" in n for n in t.loc["aa", "note"])
     assert not any("test samples" in n for n in t.loc["pgd20", "note"])
+
+
+def test_fewer_samples_note_counts_checkpoints():
+    """`fairbench eval --n-examples` on one of the five averaged checkpoints: the note says one of five,
+    not that every checkpoint used fewer samples."""
+    df = synthetic_results()
+    small = (df["attack"] == "pgd20") & (df["epoch"] == 6)
+    df.loc[small, ["n", "correct"]] = [10, 5]
+    t = tables.fairness_table(df).set_index("attack")
+    assert all("robust columns from 30 of 250 test samples at 1 of 5 checkpoints" in n for n in t.loc["pgd20", "note"])
+
+
+def test_each_suite_takes_clean_columns_from_its_own_checkpoints():
+    """pgd20 evaluated on the last 2 checkpoints and cw20 on the last 5: the pgd20 row's clean columns are
+    the clean accuracy of epochs 5-6 only (as before cw20 was run), cw20's those of epochs 2-6, and each
+    row says which epochs it averages."""
+    df = synthetic_results()
+    df.loc[(df["attack"] == "clean") & (df["epoch"] == 3), "correct"] = 10  # epochs differ in clean accuracy
+    df = df[(df["attack"] != "pgd20") | (df["epoch"] >= 5)]
+    before = tables.fairness_table(df[df["epoch"] >= 5]).set_index(["attack", "method"])
+    cw = synthetic_results()
+    cw = cw[(cw["attack"] == "pgd20") & (cw["epoch"] >= 2)].assign(attack="cw20")
+    t = tables.fairness_table(pd.concat([df, cw], ignore_index=True)).set_index(["attack", "method"])
+    for col in ("clean_avg_mean", "clean_worst_mean", "rob_avg_mean", "rob_worst_mean"):
+        assert t.loc[("pgd20", "trades"), col] == pytest.approx(before.loc[("pgd20", "trades"), col])
+    clean = tables.run_metrics(df[df["attack"] == "clean"], last_k=5).set_index(["run_id", "attack"])
+    assert t.loc[("cw20", "trades"), "clean_avg_mean"] == pytest.approx(
+        np.mean([clean.loc[(r, "clean"), "avg"] for r in ("trades-s0", "trades-s1")]))
+    assert t.loc[("cw20", "trades"), "clean_avg_mean"] != t.loc[("pgd20", "trades"), "clean_avg_mean"]
+    assert "averages epochs 5-6" in t.loc[("pgd20", "trades"), "note"]
+    assert "averages epochs 2-6" in t.loc[("cw20", "trades"), "note"]
+    assert "averages epochs" not in before.loc[("pgd20", "trades"), "note"]
 
 
 def test_fairness_table_single_seed_and_missing_baseline():

@@ -48,7 +48,7 @@ def test_reference_loads_with_expected_tables_and_methods():
 
 
 @pytest.mark.parametrize("table, method, expected", [
-    ("table1a", "trades", (82.17, 66.21, 49.74, 23.11)),   # metrics.md 5.1
+    ("table1a", "trades", (82.17, 66.21, 49.74, 23.11)),   # docs/metrics.md §6
     ("table1a", "dafa", (81.90, 67.90, 49.45, 30.20)),
     ("table1a", "trix", (82.68, 69.98, 49.09, 32.65)),
     ("table1a", "bat", (86.91, 73.42, 46.01, 18.50)),
@@ -86,7 +86,7 @@ def test_dafa_table_all_30_rho_reproduce_and_none_flagged():
     assert check["diff_dafa"].abs().max() < 0.005
     row = check[(check["dataset"] == "cifar10") & (check["method"] == "dafa") & (check["rho"] == "rho_rob")]
     assert row["dafa"].iloc[0] == pytest.approx(0.4176, abs=1e-4)
-    assert row["worst_minus_avg"].iloc[0] == pytest.approx(0.4477, abs=1e-4)  # metrics.md: 0.45
+    assert row["worst_minus_avg"].iloc[0] == pytest.approx(0.4477, abs=1e-4)  # docs/metrics.md §5: 0.45
 
 
 def test_trix_check_flags_trix_robust_and_names_conventions():
@@ -103,7 +103,7 @@ def test_trix_check_flags_trix_robust_and_names_conventions():
     assert check.loc[("table1a", "bat", "rho_clean"), "convention"] == "worst_minus_avg"
     assert check.loc[("table1a", "trix", "rho_clean"), "convention"] == "worst_minus_avg"
     cfa = check.loc[("table1a", "cfa", "rho_clean")]
-    assert cfa["flagged"] and cfa["truncated"] == ""  # the sign slip of metrics.md 5.1
+    assert cfa["flagged"] and cfa["truncated"] == ""  # the sign slip of docs/metrics.md §6
     assert not any(t in set(check.index.get_level_values(0)) for t in ("table2", "table6"))
 
 
@@ -200,7 +200,8 @@ def test_layout_formats_latex_csv_rich(results):
     frame = pd.read_csv(pd.io.common.StringIO(paper.format_paper_layout(layout, "csv")))
     assert list(frame["method"]) == TABLE1_ORDER and frame["clean_avg_best"].sum() == 1
     rich = paper.format_paper_layout(layout, "rich")
-    assert rich[0].row_count == 8 and rich[0].columns[1].header == "Avg Clean"
+    assert rich[0].row_count == 8 and rich[0].columns[1].header == "Avg\nClean"  # the tables' two-line headers
+    assert rich[0].columns[1]._cells[-1].style == "bold"  # TRIX is best: bold Text, not markup
     with pytest.raises(UnknownNameError, match="table1a"):
         paper.paper_layout("table9", results)
 
@@ -264,6 +265,40 @@ def test_cli_check_reference(capsys):
     trix = rows["**TRADES + TRIX**"]  # the flagged (bold) row; the clean one is not bold
     assert trix[:2] == ["**rob**", "**0.39**"] and trix[4] == "**neither**"
     assert rows["TRADES + BAT"][4] == "worst_minus_avg"  # both BAT rows need it
+
+
+def test_paper_commands(results, tmp_path, capsys):
+    """`fairbench paper TABLE [--compare paper]` and `fairbench paper check-reference`; the old `table` flags
+    print the same after a one-line note."""
+    (tmp_path / "runs" / "all").mkdir(parents=True)
+    results.to_parquet(tmp_path / "runs" / "all" / "classwise.parquet")
+    where = ["--results", str(tmp_path)]
+    code, layout, err = fairbench(["paper", "table1a", *where, "--format", "md"], capsys)
+    assert code == 0 and "| TRADES + FRL | – |" in layout and "**" in layout and not err, err
+    assert "### Table 1(a): CIFAR-10 / ResNet-18 / AutoAttack" in layout
+    code, out, err = fairbench(["paper", "table1", "--compare", "paper", *where, "--format", "csv"], capsys)
+    assert code == 0 and len(pd.read_csv(pd.io.common.StringIO(out))) == (8 + 8 + 7) * 6, err
+    code, out, err = fairbench(["paper", "table1a", "--compare", "paper", *where, "--format", "latex"], capsys)
+    assert code == 0 and r"\begin{tabular}" in out and "% cells: ours vs paper (ours - paper)" in out, err
+    code, check, err = fairbench(["paper", "check-reference", "--format", "md"], capsys)  # needs no results
+    assert code == 0 and "trix: published rho recomputed, 114 entries" in check, err
+
+    code, old, err = fairbench(["table", "--paper", "table1a", *where, "--format", "md"], capsys)
+    assert code == 0 and old == layout and err.strip().count("\n") == 0
+    assert "deprecated" in err and "use `fairbench paper table1a`" in " ".join(err.split())
+    code, old, err = fairbench(["table", "--check-reference", "--format", "md"], capsys)
+    assert code == 0 and old == check and "use `fairbench paper check-reference`" in " ".join(err.split())
+
+    code, _, err = fairbench(["paper", "table9", *where], capsys)
+    assert code == 2 and "unknown paper table (or command) 'table9'" in err and "check-reference" in err
+    code, _, err = fairbench(["paper", "table1a", *where, "--attack", "aa,pgd20"], capsys)
+    assert code == 2 and "one robust attack" in err
+    code, _, err = fairbench(["paper", "table1a", *where, "--worst", "min"], capsys)  # the paper's statistic only
+    assert code == 2 and "No such option '--worst'" in err
+    code, out, _ = fairbench(["paper", "table1", "--help"], capsys)
+    assert code == 0 and "paper table1 [OPTIONS]" in out and "--compare" in out
+    code, out, _ = fairbench(["paper", "--help"], capsys)
+    assert code == 0 and "check-reference" in out and "fairbench paper TABLE [--compare paper]" in out
 
 
 def test_cli_paper_and_compare(results, tmp_path, capsys):

@@ -13,7 +13,8 @@ from matplotlib.container import BarContainer
 
 from fairbench import plots
 from fairbench.errors import FairbenchError
-from fairbench.evalrun import eps_suite_name, evaluate_run, split_suite_name
+from fairbench.evalrun import evaluate_run
+from fairbench.records import eps_suite_name, split_suite_name
 from fairbench.runner import run_one
 from fairbench.spec import RunSpec
 from tests.conftest import run_cli
@@ -88,7 +89,7 @@ def test_classwise_bars_one_bar_set_per_method_with_class_names(grid):
     expected = (rows.correct / rows.n * 100).groupby(rows.class_id).mean()  # 2 checkpoints, one seed
     np.testing.assert_allclose(trades_clean, expected.to_numpy())
     assert all(word in fig.get_suptitle() for word in ("digits", "smallcnn", "pgd20"))
-    assert [t.get_text() for t in fig.legends[0].get_texts()] == list(METHODS)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [*METHODS, "worst class"]
 
 
 def test_eps_figures_lines_per_class_and_per_method(grid):
@@ -140,11 +141,35 @@ def test_adversarial_confusion_rows_are_the_class_success_rates(grid):
     samples = pd.read_parquet(grid["trades"] / "samples.parquet")
     matrix = plots.adversarial_confusion(samples, "apgd-ce", 10, [3])
     success = plots.attack_success_by_class(samples, "apgd-ce", 10, [3]).set_index("class_id")
-    np.testing.assert_allclose(matrix.sum(1), success.rate.fillna(0.0))  # a row spreads the class's breaks
-    assert matrix.sum() > 0 and not np.diag(matrix).any()  # a success is always another class
+    attacked = success["attempted"].to_numpy() > 0
+    assert matrix.shape == (10, 11)
+    np.testing.assert_allclose(matrix[attacked, :10].sum(1), success.rate[attacked])  # a row spreads the breaks
+    np.testing.assert_allclose(matrix[attacked].sum(1), 100.0)  # ... and the rest stayed correct
+    assert np.isnan(matrix[~attacked]).all()  # no attacked sample: unknown, not 0%
+    assert np.nansum(matrix[:, :10]) > 0 and not np.diag(matrix[attacked]).any()  # a success is another class
     fig = plots.plot_similarity(matrix, None, CLASSES, "apgd-ce", value_label="% of the class's attacked samples")
     heat, colorbar = fig.axes
-    assert tick_labels(heat) == CLASSES and colorbar.get_ylabel() == "% of the class's attacked samples"
+    assert tick_labels(heat) == CLASSES + [plots.STAYED_CORRECT]
+    assert colorbar.get_ylabel() == "% of the class's attacked samples"
+    cells = [t.get_text() for t in heat.texts]
+    assert cells.count("n/a") == 11 * int((~attacked).sum())
+
+
+def test_classwise_figure_marks_each_methods_worst_class_and_says_n(grid, tmp_path):
+    paths = plots.render_plots(plots.PlotRequest(grid["root"], tmp_path, zoom=True), "classwise").paths
+    assert paths
+    df = plots.load_results(grid["root"])
+    summary = plots.classwise_summary(df)
+    part = summary[summary.attack == "pgd20"]
+    fig = plots.plot_classwise_bars(summary, "pgd20", None, "t", "n = 5 per class", zoom=True)
+    robust = fig.axes[1]
+    marks = [line for line in robust.lines if line.get_marker() == "v"]
+    assert len(marks) == part["method"].nunique()  # one worst-class marker per method
+    for line, (_, rows) in zip(marks, part.groupby("method", sort=False)):
+        assert line.get_ydata()[0] >= rows["mean"].min()
+    assert robust.get_xlabel() == "class (n = 5 per class)"
+    low, high = robust.get_ylim()
+    assert high <= 105 and (low > 0 or part["mean"].min() < 5)
 
 
 def test_plot_command_writes_png_and_pdf_of_every_kind(grid, tmp_path, capsys):
@@ -158,8 +183,9 @@ def test_plot_command_writes_png_and_pdf_of_every_kind(grid, tmp_path, capsys):
             "similarity_digits_smallcnn_dafa_s1.pdf", "similarity_digits_smallcnn_trix_s1.png",
             "confusion_digits_smallcnn_trades_apgd-t.png", "confusion_digits_smallcnn_dafa_pgd20.pdf"} <= names
     # classwise: pgd20, apgd-ce, apgd-t; eps: 2 methods + their comparison; targeted: trades; 2 similarities;
-    # confusion: trades' pgd20, apgd-ce, apgd-t and the others' pgd20 (never the eps-sweep suites)
-    assert len(paths) == 2 * (3 + 3 + 1 + 2 + 5)
+    # confusion: trades' pgd20, apgd-ce, apgd-t and the others' pgd20 (never the eps-sweep suites); worstclass:
+    # pgd20, apgd-ce, apgd-t
+    assert len(paths) == 2 * (3 + 3 + 1 + 2 + 5 + 3)
     for p in paths:
         head = p.read_bytes()[:8]
         assert p.stat().st_size > 1000 and head.startswith(b"\x89PNG" if p.suffix == ".png" else b"%PDF")
@@ -178,8 +204,8 @@ def test_missing_data_is_a_clear_error(grid, tmp_path, capsys):
     code, _, err = fairbench(["plot", "--results", str(only_dafa), "--kind", "eps"], capsys)
     assert code == 2 and "--eps-sweep 0,2,4,8,16,32" in err
     code, stdout, err = fairbench(["plot", "--results", str(only_dafa)], capsys)  # all: draws what it can
-    assert code == 0 and "skipped" in err and "eps-sweep" in err and len(stdout.split()) == 6  # classwise,
-    # similarity and confusion, each as PNG and PDF
+    assert code == 0 and "skipped" in err and "eps-sweep" in err and len(stdout.split()) == 8  # classwise,
+    # similarity, confusion and worstclass, each as PNG and PDF
     with pytest.raises(FairbenchError, match="robust suite named apgd-t; run `fairbench eval RUN"):
         plots.render_plots(plots.PlotRequest(only_dafa, tmp_path / "p", attacks=("apgd-t",)), "confusion")
     code, _, err = fairbench(["plot", "--results", str(grid["root"]), "--methods", "wat"], capsys)

@@ -70,3 +70,60 @@ def test_builtin_wins_a_name_clash_and_broken_plugin_only_breaks_its_runs(tmp_pa
         with pytest.raises(FairbenchError, match="fairbench-example-plugin"):
             registry.get_method_class("broken")
     sys.modules.pop("fairbench_example_plugin", None)
+
+
+def contributing_template() -> str:
+    """The plugin pyproject.toml that CONTRIBUTING.md tells people to write."""
+    text = (Path(__file__).parents[1] / "CONTRIBUTING.md").read_text()
+    start = text.index("```toml\n# my-plugin/pyproject.toml") + len("```toml\n")
+    return text[start:text.index("```", start)]
+
+
+@pytest.mark.slow
+def test_contributing_plugin_template_installs_and_depends_on_this_distribution(tmp_path):
+    """The template builds with pip, its dependency names the distribution that is installed here (not the
+    unrelated `fairbench` on PyPI), and the installed plugin is listed and described."""
+    import tomllib
+    from importlib.metadata import distribution
+
+    from fairbench import DISTRIBUTION
+
+    template = contributing_template()
+    project = tomllib.loads(template)["project"]
+    assert project["dependencies"] == [DISTRIBUTION] and distribution(DISTRIBUTION).files
+    plugin = tmp_path / "my-plugin"
+    plugin.mkdir()
+    (plugin / "pyproject.toml").write_text(template)
+    (plugin / "fairbench_mymethod.py").write_text(FIXTURE.read_text() + "\n\nMyMethod = BalancedTrades\n")
+    site = tmp_path / "site"
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                                "--target", str(site), str(plugin)], capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr
+    listed = subprocess.run(["fairbench", "methods"], capture_output=True, text=True, env=env_with(site))
+    assert listed.returncode == 0 and "mymethod" in listed.stdout and "fairbench-mymethod" in listed.stdout
+    described = subprocess.run(["fairbench", "describe", "mymethod"], capture_output=True, text=True,
+                               env=env_with(site))
+    assert described.returncode == 0 and "temperature" in described.stdout, described.stderr
+
+
+def test_unpackaged_plugins_in_every_command_that_names_methods(tmp_path, monkeypatch, capsys):
+    """`--plugins module` (a decorated class, not installed) works for methods and describe, not only run."""
+    from tests.conftest import run_cli
+
+    module = tmp_path / "my_local_method.py"
+    module.write_text(FIXTURE.read_text().replace("class BalancedTrades(FairAT):",
+                                                  '@register_method("local-balanced")\nclass BalancedTrades(FairAT):')
+                      .replace("from fairbench.method import", "from fairbench.registry import register_method\n"
+                                                                 "from fairbench.method import"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, _ = run_cli(["methods", "--plugins", "my_local_method"], capsys)
+    assert code == 0 and "local-balanced" in out
+    code, out, _ = run_cli(["describe", "local-balanced", "--plugins", "my_local_method"], capsys)
+    assert code == 0 and "temperature" in out
+    for command in ("run", "plan", "eval", "table"):
+        code, out, _ = run_cli([command, "--help"], capsys)
+        assert code == 0 and "--plugins" in out, command
+    from fairbench import registry
+
+    registry._LOCAL.pop("local-balanced", None)
+    sys.modules.pop("my_local_method", None)

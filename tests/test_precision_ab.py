@@ -1,4 +1,4 @@
-"""The bf16 A/B check (evaluation.md 12.2): its verdict on real records, the command, and the table's
+"""The bf16 A/B check (docs/evaluation.md §12): its verdict on real records, the command, and the table's
 warning about bf16 suites that were never checked."""
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import torch
 from fairbench.attacks.search import SearchSettings
 from fairbench.data import load_dataset
 from fairbench.data.loader import DeviceSplit
-from fairbench.evaluate import evaluate_split
+from fairbench.evaluation import evaluate_split
 from fairbench.precision_ab import MAX_OVERALL_POINTS, compare, unchecked_bf16
 from fairbench.results import run_dir
-from fairbench.spec import RunSpec, resolve
 from fairbench.runner import run_one
+from fairbench.spec import RunSpec, resolve
 from tests.attack_fixtures import trained_digits_model
 from tests.conftest import run_cli
 

@@ -1,4 +1,4 @@
-"""Learning-rate schedules of the specs, by epoch (1-indexed)."""
+"""Learning-rate schedules of the protocols, by epoch (1-indexed)."""
 from __future__ import annotations
 
 import pytest

@@ -1,28 +1,28 @@
 """Engine services a method can ask for: a held-out validation split and class-wise accuracy on it."""
 from __future__ import annotations
 
-
 import numpy as np
 import torch
+from fairbench.methods.trades import Trades
 
 from fairbench.attacks.pgd import PGD
 from fairbench.data.loader import hold_out
 from fairbench.engine import Trainer
-from fairbench.method import ValidationSpec
-from fairbench.methods.trades import Trades, TradesConfig
+from fairbench.method import Services, ValidationSpec
 from fairbench.spec import ResolvedRun, RunSpec
+from fairbench.trades_family import TradesConfig
 
 
 class ValidatedTrades(Trades):
     """TRADES that records class-wise validation accuracy after every epoch (as FRL/WAT/CFA need)."""
 
-    validation = ValidationSpec(fraction=0.1, position="last")
+    services = Services(validation=ValidationSpec(fraction=0.1, position="last"))
 
     def setup(self, ctx):
         self.history = []
 
-    def on_epoch_end(self, epoch, ctx):
-        self.history.append(ctx.classwise_accuracy(ctx.model, ctx.val_split, attack=PGD(8 / 255, steps=5, alpha=2 / 255)))
+    def on_epoch_end(self, epoch, model, ctx):
+        self.history.append(ctx.classwise_accuracy(model, ctx.val_split, attack=PGD(8 / 255, steps=5, alpha=2 / 255)))
 
 
 def test_validation_split_is_held_out_per_class(digits, tmp_path):
@@ -39,7 +39,7 @@ def test_validation_split_is_held_out_per_class(digits, tmp_path):
     for k in range(10):
         members = np.flatnonzero(digits.train.labels == k)
         assert set(val.index[val.labels == k].tolist()) == set(members[-val_counts[k]:].tolist())
-    assert trainer.ctx.num_train == len(train)
+    assert trainer.ctx.memory is None  # no service it did not declare
 
     trainer.fit(tmp_path, 0, reporter=__import__("fairbench.engine", fromlist=["SilentReporter"]).SilentReporter())
     assert len(trainer.method.history) == 2

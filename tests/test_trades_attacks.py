@@ -1,16 +1,17 @@
-"""The shared training adversary and loss against the spec's invariants (trades.md 5, dafa.md 5, trix.md 5)."""
+"""The shared training adversary and loss against the documented invariants (docs/methods/trades.md §5)."""
 from __future__ import annotations
 
 import copy
 
 import torch
 import torch.nn.functional as F
-
-from fairbench.attacks.training import clean_logits, inner_attack, kl_per_sample, start_point, trades_loss
-from fairbench.method import Batch
 from fairbench.methods.dafa import Dafa, DafaConfig
-from fairbench.methods.trades import Trades, TradesConfig
+from fairbench.methods.trades import Trades
 from fairbench.methods.trix import Trix, TrixConfig
+
+from fairbench.adversaries import clean_logits, inner_attack, kl_per_sample, start_point, trades_loss
+from fairbench.method import Batch
+from fairbench.trades_family import TradesConfig
 from tests.conftest import make_context
 
 
@@ -98,22 +99,17 @@ def test_dafa_with_unit_weights_is_trades(tiny_model, digits_batch):
 
 
 def test_trix_all_untargeted_equals_dafa(tiny_model, digits_batch):
+    """lam_batch = 0 makes every split weight 1, none below the mean: TRIX is then DAFA (its target draw comes
+    after the start noise and is not used)."""
     x, y, idx = digits_batch
     batch = Batch(x, y, idx)
     weights = torch.linspace(0.5, 1.5, 10)
     dafa, trix = Dafa(DafaConfig(steps=3, warmup=1)), Trix(TrixConfig(steps=3, warmup=1))
+    forced = Trix(TrixConfig(steps=3, warmup=1, lam_batch=0.0))
     ctx = make_context(epoch=2)
-    dafa.setup(ctx), trix.setup(ctx)
-    dafa.weights, trix.weights = weights.clone(), weights.clone()
-
-    class Untargeted(Trix):
-        def adversary_targets(self, logits_clean, y, ctx):
-            targets, targeted = super().adversary_targets(logits_clean, y, ctx)
-            return targets, torch.zeros_like(targeted)
-
-    forced = Untargeted(TrixConfig(steps=3, warmup=1))
-    forced.setup(ctx)
-    forced.weights = weights.clone()
+    for method in (dafa, trix, forced):
+        method.setup(ctx)
+        method.dafa.weights = weights.clone()
     assert torch.equal(_loss_and_params(dafa, tiny_model, batch, ctx, 5),
                        _loss_and_params(forced, tiny_model, batch, ctx, 5))
     # the real split targets some samples and changes the loss
@@ -147,7 +143,7 @@ def test_dafa_weights_switch_on_after_warmup_and_memory_is_complete(tiny_model, 
     for epoch in (1, 2):
         ctx.epoch = epoch
         for x, y, pos in train_batches(small, 32, digits.augment, torch.Generator().manual_seed(epoch)):
-            assert torch.equal(method.weights, torch.ones(10)) or epoch == 2
+            assert torch.equal(method.dafa.weights, torch.ones(10)) or epoch == 2
             out = method.training_loss(tiny_model.train(), Batch(x, y, pos), ctx)
             opt.zero_grad(), out.loss.backward(), opt.step()
             if epoch == 1:
@@ -155,9 +151,9 @@ def test_dafa_weights_switch_on_after_warmup_and_memory_is_complete(tiny_model, 
         if epoch == 1:
             assert torch.equal(ctx.memory.written, torch.ones(96, dtype=torch.int32))  # every index exactly once
             assert torch.allclose(ctx.memory.probs.sum(1), torch.ones(96))
-        method.on_epoch_end(epoch, ctx)
+        method.on_epoch_end(epoch, tiny_model, ctx)
         if epoch == 1:
-            frozen = method.weights.clone()
+            frozen = method.dafa.weights.clone()
             assert not torch.equal(frozen, torch.ones(10))
             assert float(frozen.sum()) == float(frozen.sum())  # finite
-    assert torch.equal(method.weights, frozen)  # computed once, never updated
+    assert torch.equal(method.dafa.weights, frozen)  # computed once, never updated

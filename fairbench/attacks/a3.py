@@ -1,15 +1,15 @@
 """A3, Adaptive Auto Attack (Liu et al., CVPR 2022), L-infinity. EXPERIMENTAL, never a default.
 
-Written from evaluation.md 8.1 (there is no installable reference to validate against). Each restart is a
-margin-loss PGD with per-sample early stop, preceded by an ADI phase: full-eps sign steps that ascend w . f(x)
-for a logit-space direction w. Round 1 draws w uniformly and records which directions led to successes; later
-rounds bias w by those statistics (true-class weight, and +-0.8 C/10 on a target cycling through the top
-wrong classes of a pre-pass at a random corner of the eps-ball). OSD: before each restart only the
-still-robust samples with the largest margin loss seen so far are attacked (a shrinking fraction alpha),
-which saves most of the cost. The 13-round schedule is the official code's, in the "discard" regime when
-the ADI phases broke few samples, else in the "bias" regime.
+Written from the official script (docs/evaluation.md §8; there is no installable reference to validate
+against). Each restart is a margin-loss PGD with per-sample early stop, preceded by an ADI phase: full-eps
+sign steps that ascend w . f(x) for a logit-space direction w. Round 1 draws w uniformly and records which
+directions led to successes; later rounds bias w by those statistics (true-class weight, and +-0.8 C/10 on a
+target cycling through the top wrong classes of a pre-pass at a random corner of the eps-ball). OSD: before
+each restart only the still-robust samples with the largest margin loss seen so far are attacked (a shrinking
+fraction alpha), which saves most of the cost. The 13-round schedule is the official code's, in the "discard"
+regime when the ADI phases broke few samples, else in the "bias" regime.
 
-What A3 gives up (evaluation.md 8.1): no black-box component (Square's masking check is lost), and OSD
+What A3 gives up (docs/evaluation.md §8): no black-box component (Square's masking check is lost), and OSD
 drops exactly the hardest samples, which cluster in the strong classes, so report it next to `aa` and read
 the union "AA u A3". OSD and the regime decision rank the samples of one chunk, so the records depend on
 the evaluation batch size (for a given batch size they are reproducible: every random number comes from
@@ -92,7 +92,7 @@ class A3(EvalAttack):
 
     def settings(self) -> dict:
         return {"eps": self.eps, "experimental": True, "rounds": 13, "min_attacked": self.min_attacked,
-                "schedule": "Liu et al. 2022 official code (evaluation.md 8.1)"}
+                "schedule": "Liu et al. 2022 official code (docs/evaluation.md §8)"}
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor, seed: int,
             active: Tensor) -> Iterator[ComponentOutput]:

@@ -1,6 +1,6 @@
 """APGD (Croce & Hein, ICML 2020), L-infinity: the engine of APGD-CE, APGD-DLR and APGD-T.
 
-Follows evaluation.md section 4 and the official code's arithmetic (step-size checkpoints from N, the
+Follows docs/evaluation.md §4 and the official code's arithmetic (step-size checkpoints from N, the
 momentum with the un-reset previous start, C1 counted with `<=` and its first-window comparison against
 an unfilled history slot, C2 with the previous checkpoint's best loss). Each run works on the still-active
 samples only; the start noise comes from the counter-based per-sample generator, so a sample's result
@@ -170,7 +170,7 @@ class APGD(EvalAttack):
     eot: int = 1
     component: str = "apgd-ce"
     early_stop: bool = True
-    """Stop a sample at its first misclassified iterate (same flags, less work; evaluation.md 14.2)."""
+    """Stop a sample at its first misclassified iterate (same flags, less work; docs/evaluation.md §14)."""
     side_by_side: bool = True
     """Run all targets and restarts of a sample in one batch (same flags; `fairbench.attacks.lanes`).
     Reference-RNG mode (`start_noise`) always runs them one after the other, as the reference does."""

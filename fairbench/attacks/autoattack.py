@@ -1,4 +1,4 @@
-"""AutoAttack (Croce & Hein, ICML 2020), L-infinity, written in fairbench: the cascade of evaluation.md 7.
+"""AutoAttack (Croce & Hein, ICML 2020), L-infinity, written in fairbench: the cascade of docs/evaluation.md §7.
 
 Each component attacks the clean inputs of the samples still robust after the previous ones (the
 evaluator verifies every success in fp32 and updates the mask in place between components), so a sample

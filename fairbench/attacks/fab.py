@@ -1,4 +1,4 @@
-"""FAB: Fast Adaptive Boundary attack (Croce & Hein, ICML 2020), L-infinity (evaluation.md 5).
+"""FAB: Fast Adaptive Boundary attack (Croce & Hein, ICML 2020), L-infinity (docs/evaluation.md §5).
 
 FAB-T, AutoAttack standard: targets = the classes ranked 2, 3, ... by the clean logits (9 of them, capped
 at C - 1); 100 iterations per target; one restart, started at the clean point (so the attack has no
@@ -19,7 +19,7 @@ closest so far and then pulled back towards x by beta. The closest stored point 
 Exactness-preserving speedups over the reference (per-sample results identical, up to the floating-point
 effects of the batch composition): input-only gradients (`torch.autograd.grad`), the clean logits computed
 once for the target ranking, and all runs in one batch. Not done: fusing the label
-check with the next iteration's forward (evaluation.md 14.3). FAB's overshoot (eta > 1) makes the new iterate
+check with the next iteration's forward (docs/evaluation.md §14). FAB's overshoot (eta > 1) makes the new iterate
 misclassified in ~95% of the iterations (measured on the digits CNN), and a misclassified iterate is pulled
 back, so its next forward is at another point: the fusion would cost more than the separate check forward.
 """

@@ -1,4 +1,4 @@
-"""Side-by-side runs ("lanes"): the targets and restarts of one sample attacked in one batch (evaluation.md 14.4).
+"""Side-by-side runs ("lanes"): the targets and restarts of one sample attacked in one batch (docs/evaluation.md §14).
 
 The reference runs target 1 on every robust sample, then target 2 on those target 1 did not break, and so
 on. With per-sample random streams every (sample, run) has its own fixed trajectory, so running all runs

@@ -1,4 +1,4 @@
-"""PGD-k and CW-inf as the TRADES/DAFA/TRIX evaluation scripts run them (evaluation.md section 3).
+"""PGD-k and CW-inf as the TRADES/DAFA/TRIX evaluation scripts run them (docs/evaluation.md §3).
 
 Uniform start in the ball (clipped to the box so every queried point is feasible; documented
 deviation from the scripts), k steps x <- P(x + alpha sign(grad)), the final iterate decides.

@@ -80,7 +80,7 @@ def _load() -> None:
 
 
 def require_classes(component: str, needed: int, available: int, why: str) -> None:
-    """A clear error instead of an index error deep inside a loss (evaluation.md 7.4, class count)."""
+    """A clear error instead of an index error deep inside a loss (docs/evaluation.md §11, class count)."""
     if available < needed:
         raise ClassCountError(f"{component} needs at least {needed} classes ({why}); the model has {available}. "
                              f"Evaluate with apgd-ce, pgd20 or square instead")

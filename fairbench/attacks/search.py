@@ -1,4 +1,4 @@
-"""The model attacks search with, prepared for speed (evaluation.md 14.5 and 12).
+"""The model attacks search with, prepared for speed (docs/evaluation.md §14 and §12).
 
 Attacks only *search* with this model; every claimed success and every final flag is decided by the
 original model in strict fp32 (`fairbench.evaluate`), so a faster search model can change which points
@@ -7,7 +7,7 @@ are found only through floating-point rounding (fp32) or reduced precision (bf16
 - BatchNorm in eval mode is an affine map: folded into the preceding convolution, it costs nothing
   (`torch.fx` traces the model; a model that cannot be traced is used unfolded).
 - channels_last is the layout oneDNN (CPU) and cuDNN (GPU) run convolutions fastest in.
-- Precision (evaluation.md 12.2): `auto` searches in TF32 on CUDA (PyTorch's own default for
+- Precision (docs/evaluation.md §12): `auto` searches in TF32 on CUDA (PyTorch's own default for
   convolutions) and in fp32 on CPU; `bf16` (autocast) is opt-in: on GPUs and CPUs with AMX it roughly
   halves a pass again, but it is a different (A/B-checked) search process. A success claimed in reduced
   precision is confirmed in strict fp32 before the sample leaves the attack (`confirmed_misclassified`),
@@ -108,7 +108,7 @@ def tf32_allowed(allowed: bool, device: torch.device | None = None) -> Iterator[
 @torch.no_grad()
 def confirmed_misclassified(model: nn.Module, x: Tensor, y: Tensor, claimed: Tensor) -> Tensor:
     """`claimed` (misclassified according to the search model), confirmed by the verdict model in strict
-    fp32 where the search runs in reduced precision (evaluation.md 12.3); unchanged otherwise."""
+    fp32 where the search runs in reduced precision (docs/evaluation.md §12); unchanged otherwise."""
     if not isinstance(model, SearchModel) or not model.reduced or not bool(claimed.any()):
         return claimed
     with tf32_allowed(False, x.device):

@@ -1,6 +1,6 @@
 """Square Attack (Andriushchenko et al., ECCV 2020), L-infinity, margin loss: AutoAttack's black-box member.
 
-evaluation.md section 6: vertical-stripe start, p-schedule without rescaling (AutoAttack's
+docs/evaluation.md §6: vertical-stripe start, p-schedule without rescaling (AutoAttack's
 `resc_schedule=False`), one square window per query, accepted when the margin strictly decreases or the
 sample is misclassified; a sample stops at its first success. fairbench draws each sample's window and
 signs from its own counter-based stream (independent of batch composition; statistically the same as the

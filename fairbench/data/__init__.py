@@ -7,6 +7,7 @@ damaged files raise `DataCorruptError` naming the file.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -23,14 +24,17 @@ from fairbench.data.cifar import (
     CIFAR10_DIR,
     CIFAR100_DIR,
     SUBSET_DIR,
+    cifar10_files,
+    cifar10_subset_files,
+    cifar100_files,
     load_cifar10,
     load_cifar10_subset,
     load_cifar100,
 )
 from fairbench.data.digits import load_digits_dataset
-from fairbench.data.idx import FASHION_DIR, load_fashionmnist
-from fairbench.data.stl10 import STL10_DIR, load_stl10
-from fairbench.data.tinyimagenet import TINY_DIR, load_tinyimagenet
+from fairbench.data.idx import FASHION_DIR, fashionmnist_files, load_fashionmnist
+from fairbench.data.stl10 import STL10_DIR, load_stl10, stl10_files
+from fairbench.data.tinyimagenet import TINY_DIR, load_tinyimagenet, tinyimagenet_files
 from fairbench.errors import UnknownNameError
 
 __all__ = [
@@ -47,6 +51,8 @@ __all__ = [
     "get_dataset_info",
     "default_data_root",
     "load_dataset",
+    "check_dataset_files",
+    "data_fingerprint",
 ]
 
 DATA_ENV = "FAIRBENCH_DATA"
@@ -145,3 +151,31 @@ def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
     """Read dataset `name` from `root` (default: `default_data_root()`)."""
     info = get_dataset_info(name)
     return info.load(Path(root).expanduser() if root is not None else default_data_root())
+
+
+REQUIRED_FILES = {"cifar10": cifar10_files, "cifar10-subset": cifar10_subset_files, "cifar100": cifar100_files,
+                  "stl10": stl10_files, "tinyimagenet": tinyimagenet_files, "fashionmnist": fashionmnist_files}
+"""The files each reader checks first (digits is embedded and needs none)."""
+
+
+def check_dataset_files(name: str, root: str | Path | None = None) -> None:
+    """Raise the reader's own DataNotFoundError (naming the path and `fairbench download`) when dataset
+    `name` lacks files under `root`, without reading the data: a grid checks every dataset before its first
+    run trains, instead of failing on the second dataset after the first one trained for days."""
+    info = get_dataset_info(name)
+    folder = Path(root).expanduser() if root is not None else default_data_root()
+    files = REQUIRED_FILES.get(name)
+    if files is not None and not all(p.is_file() for p in files(folder)):
+        info.load(folder)  # stops at its check of these same files, with its message
+
+
+def data_fingerprint(name: str, root: str | Path | None = None) -> str:
+    """`Dataset.fingerprint` of dataset `name` read from `root`, computed once per process and folder (a grid
+    rerun checks every finished run against the data it would train on)."""
+    folder = Path(root).expanduser() if root is not None else default_data_root()
+    return _fingerprint(name, str(folder.resolve()))
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint(name: str, folder: str) -> str:
+    return load_dataset(name, folder).fingerprint()

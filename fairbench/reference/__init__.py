@@ -2,7 +2,7 @@
 
 One CSV per paper, in a long tidy format (one row per printed number):
 
-    source   paper: "trix" (arXiv 2507.07768) or "dafa" (ICLR 2024, main table as in specs/metrics.md 7)
+    source   paper: "trix" (arXiv 2507.07768) or "dafa" (ICLR 2024, main table as in docs/metrics.md §8)
     table    the paper's own numbering: table1a..c, table2, table3a..c, table4a..b, table5a..b
              (Tiny-ImageNet), table6 (augmentations) for TRIX; "main" for DAFA
     dataset, arch      fairbench names (cifar10, preact_resnet18, ...); arch "" where the paper is silent
@@ -15,7 +15,7 @@ One CSV per paper, in a long tidy format (one row per printed number):
 Paper-wide caveats (TRIX): equations and the rho header symbols were lost in the text extraction; the rho
 columns are identified by position. The main text says each run is the mean over its last 5 epochs, the
 appendix that the checkpoint with the highest worst-class robust accuracy was reported. The TRIX rho entries
-do not follow one formula (metrics.md 5.1; `fairbench.paper.check_reference_rho`).
+do not follow one formula (docs/metrics.md §6; `fairbench.paper.check_reference_rho`).
 """
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from fairbench.attacks.search import SearchSettings, search_model, tf32_allowed
 from fairbench.attacks.square import margin as margins
 from fairbench.data.loader import DeviceSplit, eval_batches
 from fairbench.evalchecks import ModelState, frozen_for_attack
+from fairbench.records import canonical_order, per_class_counts
 
 
 class InfeasibleAdversarialError(RuntimeError):
@@ -138,107 +139,10 @@ def evaluate_split(model: nn.Module, split: DeviceSplit, attacks: list[str | Eva
     return canonical_order(frame, [n for n, _ in suites])
 
 
-def canonical_order(samples: pd.DataFrame, suites: list[str]) -> pd.DataFrame:
-    """Records sorted by (suite as listed after clean, cascade position, sample index): the same frame
-    whatever the batch size or chunking."""
-    rank = samples["suite"].map({name: i for i, name in enumerate(["clean", *suites])})
-    order = np.lexsort((samples["sample_idx"].to_numpy(), samples["order"].to_numpy(), rank.to_numpy()))
-    return samples.iloc[order].reset_index(drop=True)
-
-
 def _suite(attack: str | EvalAttack, eps: float) -> tuple[str, EvalAttack]:
     if isinstance(attack, str):
         return attack, create_attack(attack, eps)
     return attack.name or type(attack).__name__.lower(), attack
-
-
-def robust_flags(samples: pd.DataFrame) -> pd.DataFrame:
-    """One row per (suite, sample): correct = clean-correct and no component of the suite succeeded. Where
-    both `aa` and the experimental `a3` ran (at the same radius label), a derived suite `aa+a3` is robust
-    under both: the informative number for A3 (evaluation.md 8.1)."""
-    clean_ok, labels = _clean_verdicts(samples)
-    frames = [pd.DataFrame({"suite": "clean", "sample_idx": clean_ok.index, "label": labels.values,
-                            "correct": clean_ok.values})]
-    attacked = samples[samples.suite != "clean"]
-    if len(attacked):
-        broken = attacked.groupby(["suite", "sample_idx"], sort=False)["success"].any().reset_index()
-        broken["label"] = labels.loc[broken.sample_idx].values
-        broken["correct"] = clean_ok.loc[broken.sample_idx].values & ~broken["success"].values
-        frames.append(broken[["suite", "sample_idx", "label", "correct"]])
-        frames.extend(_unions(broken))
-    return pd.concat(frames, ignore_index=True)
-
-
-def _clean_verdicts(samples: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
-    """(clean-correct, label), indexed by sample_idx."""
-    clean = samples[samples.suite == "clean"].set_index("sample_idx")
-    return ~clean["success"], clean["label"]
-
-
-def _unions(flags: pd.DataFrame) -> list[pd.DataFrame]:
-    out = []
-    suites = set(flags["suite"])
-    for a3 in sorted(s for s in suites if s.split("@")[0] == "a3"):
-        label = a3.partition("@")[2]
-        aa = "aa" + ("@" + label if label else "")
-        if aa in suites:
-            out.append(robust_under_all(flags, [aa, a3], f"{aa}+a3"))
-    return out
-
-
-def robust_under_all(flags: pd.DataFrame, suites: list[str], name: str) -> pd.DataFrame:
-    """Robust flags of the derived suite `name`: one row per sample every one of `suites` attacked, correct
-    where it is robust under all of them (evaluation.md 9.2: unions across suites AND the robust flags)."""
-    runs = flags[flags["suite"].isin(suites)]
-    wide = runs.pivot(index="sample_idx", columns="suite", values="correct")[list(suites)].dropna()
-    labels = runs.drop_duplicates("sample_idx").set_index("sample_idx")["label"]
-    return pd.DataFrame({"suite": name, "sample_idx": wide.index, "label": labels.loc[wide.index].to_numpy(),
-                         "correct": wide.astype(bool).all(axis=1).to_numpy()})
-
-
-def union_of_suites(flags: pd.DataFrame) -> pd.DataFrame | None:
-    """Robust under every attack suite run at the run's radius (evaluation.md 0.3), named by the suites in
-    alphabetical order (`aa+pgd20`, whatever order they were run in): one row per sample that all of them
-    attacked; None with fewer than two such suites. Suites at another radius (`aa@4/255`) and derived ones
-    (`aa+a3`) do not take part."""
-    suites = sorted(s for s in set(flags["suite"]) if s != "clean" and "@" not in s and "+" not in s)
-    return robust_under_all(flags, suites, "+".join(suites)) if len(suites) >= 2 else None
-
-
-def cascade_prefixes(samples: pd.DataFrame) -> pd.DataFrame | None:
-    """Robust after the first k components of each suite with several (evaluation.md 9.2: "after APGD-CE",
-    "after APGD-CE + APGD-T", ...), as suites named after their last component, `aa:apgd-t`; the whole
-    cascade is the suite itself. None where no suite has several components."""
-    clean_ok, labels = _clean_verdicts(samples)
-    frames = []
-    for suite, records in samples[samples.suite != "clean"].groupby("suite", sort=False):
-        components = records.drop_duplicates("order").sort_values("order")["component"].tolist()
-        if len(components) < 2:
-            continue
-        broken = records.pivot_table(index="sample_idx", columns="order", values="success", aggfunc="any")
-        broken = broken.sort_index(axis=1).fillna(False).astype(bool).cummax(axis=1)  # by one of the first k
-        for k, component in enumerate(components[:-1]):
-            frames.append(pd.DataFrame({
-                "suite": f"{suite}:{component}", "sample_idx": broken.index,
-                "label": labels.loc[broken.index].to_numpy(),
-                "correct": clean_ok.loc[broken.index].to_numpy() & ~broken.iloc[:, k].to_numpy()}))
-    return pd.concat(frames, ignore_index=True) if frames else None
-
-
-def per_class_counts(samples: pd.DataFrame, num_classes: int) -> pd.DataFrame:
-    """(suite, class_id, n, correct) for every class, including classes with zero correct."""
-    return class_counts(robust_flags(samples), num_classes)
-
-
-def class_counts(flags: pd.DataFrame, num_classes: int) -> pd.DataFrame:
-    """`per_class_counts` from robust flags (one row per suite and sample)."""
-    rows = []
-    for suite, group in flags.groupby("suite", sort=False):
-        labels = group["label"].to_numpy().astype(np.int64)
-        n = np.bincount(labels, minlength=num_classes)
-        correct = np.bincount(labels, weights=group["correct"].to_numpy(), minlength=num_classes).astype(np.int64)
-        rows.append(pd.DataFrame({"attack": suite, "class_id": np.arange(num_classes), "n": n, "correct": correct}))
-    return pd.concat(rows, ignore_index=True)
 
 
 def classwise_accuracy(model: nn.Module, split: DeviceSplit, num_classes: int, attack: str | EvalAttack | None,

@@ -17,9 +17,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from fairbench import DISTRIBUTION
-from fairbench.config import ATTACK_PRECISIONS, field_docs, parse_number
 from fairbench.errors import FairbenchError, UnknownNameError
 from fairbench.files import check_writable
+from fairbench.overrides import ATTACK_PRECISIONS, field_docs, parse_number
 from fairbench.runspec import RunOption, from_command_line, run_option, run_options
 
 console = Console()
@@ -536,21 +536,24 @@ def eval_cmd(targets, model_ref, weights, model_dataset, model_name, model_out, 
     if n_examples is not None and n_examples < 1:
         raise FairbenchError(f"--n-examples must be at least 1 (or left out for the whole test set), got {n_examples}")
     from fairbench.evalrun import checkpoint_epoch
+    from fairbench.results import RUN_JSON, find_runs
 
     folders = []
     for target in map(Path, targets):
         if target.is_file():
             checkpoint_epoch(target)  # only RUN/checkpoints/epoch_NNNN.pt; says what eval takes otherwise
-        runs = sorted(p.parent for p in target.glob("runs/*/run.json")) or sorted(p.parent for p in target.glob("*/run.json"))
-        external = [r for r in runs if _is_external(r)]
-        for run in external:
-            err_console.print(f"{run.name}: an outside model's evaluation, left out (evaluate it again with "
+        if target.is_file() or (target / RUN_JSON).is_file():
+            if _is_external(target):
+                raise FairbenchError(f"{target} holds an outside model's evaluation; evaluate that model again "
+                                     "with `fairbench eval --model MODULE:FACTORY --dataset D --name LABEL`")
+            folders.append(target)
+            continue
+        found = find_runs(target)  # a results folder: every finished run under it
+        for folder, _ in (f for f in found if f[1].get("external")):
+            err_console.print(f"{folder.name}: an outside model's evaluation, left out (evaluate it again with "
                               "`fairbench eval --model ...`)", highlight=False)
-        runs = [r for r in runs if r not in external]
-        if not runs and _is_external(target):
-            raise FairbenchError(f"{target} holds an outside model's evaluation; evaluate that model again with "
-                                 "`fairbench eval --model MODULE:FACTORY --dataset D --name LABEL`")
-        folders.extend(runs or [target])
+        folders.extend([folder for folder, meta in found if not meta.get("external")] or
+                       ([] if found else [target]))
     if not folders:
         raise FairbenchError("nothing to evaluate: the folders hold only outside models' evaluations")
     first = folders[0].parent.parent if folders[0].suffix == ".pt" else folders[0]

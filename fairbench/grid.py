@@ -24,8 +24,8 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-from fairbench.config import parse_number
 from fairbench.errors import FairbenchError, UnknownNameError
+from fairbench.overrides import parse_number
 from fairbench.runspec import RunOption, axes, from_grid, grid_options, required_axes
 from fairbench.spec import RunSpec, check_overrides
 

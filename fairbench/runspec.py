@@ -15,8 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from fairbench.config import ATTACK_PRECISIONS, field_docs, parse_number
 from fairbench.errors import FairbenchError
+from fairbench.overrides import ATTACK_PRECISIONS, field_docs, parse_number
 
 
 @dataclass(frozen=True)

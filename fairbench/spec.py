@@ -12,11 +12,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from fairbench.config import apply_overrides
 from fairbench.data import DatasetInfo, get_dataset_info
 from fairbench.errors import FairbenchError, UnknownNameError
 from fairbench.method import FairAT
 from fairbench.models import MODELS
+from fairbench.overrides import apply_overrides
 from fairbench.registry import get_method_class, method_source
 from fairbench.runspec import PROTOCOLS, RunSpec, run_option
 from fairbench.schedules import SCHEDULES
@@ -141,7 +141,7 @@ def dataset_method_defaults(info: DatasetInfo) -> dict[str, Any]:
     """Method hyperparameters a dataset sets, applied where a method has the field (before `--set`): its run
     scale's (e.g. a shorter warm-up on digits) and DAFA's weight strength `lam` (1.0 CIFAR-10, 1.5 CIFAR-100,
     STL-10, Tiny-ImageNet), which DAFA and TRIX read from their config like any other option."""
-    return {"lam": info.dafa_lambda, **info.defaults.method_overrides}
+    return {**info.method_defaults, **info.defaults.method_overrides}
 
 
 def resolve(spec: RunSpec) -> ResolvedRun:

@@ -182,7 +182,7 @@ def test_help_lists_every_runspec_field_with_its_docstring(command, capsys):
     field's docstring."""
     import dataclasses
 
-    from fairbench.config import field_docs
+    from fairbench.overrides import field_docs
     from fairbench.runspec import RunSpec, run_options
 
     code, out, _ = fairbench([command, "--help"], capsys)

@@ -197,7 +197,7 @@ def test_cifar100_fine_labels(tmp_path: Path) -> None:
     assert_split(ds.test, 100, (3, 32, 32), 100)
     np.testing.assert_array_equal(ds.test.labels, fine_test)
     np.testing.assert_array_equal(ds.train.images.reshape(200, -1), train_rows)
-    assert ds.class_names[99] == "class99" and get_dataset_info("cifar100").dafa_lambda == 1.5
+    assert ds.class_names[99] == "class99" and get_dataset_info("cifar100").method_defaults["lam"] == 1.5
 
     (folder / "meta").write_bytes(b"\x80\x02garbage")
     with pytest.raises(DataCorruptError, match="meta"):
@@ -487,7 +487,7 @@ def test_registry() -> None:
     for name in ("cifar10", "cifar100", "stl10", "tinyimagenet"):
         d = DATASETS[name].defaults
         assert (d.arch, d.epochs, d.batch_size) == ("resnet18", 150, 128)
-    assert [DATASETS[n].dafa_lambda for n in ("cifar10", "cifar100", "stl10", "tinyimagenet")] == [
+    assert [DATASETS[n].method_defaults["lam"] for n in ("cifar10", "cifar100", "stl10", "tinyimagenet")] == [
         1.0,
         1.5,
         1.5,

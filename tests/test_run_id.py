@@ -8,7 +8,7 @@ import typing
 
 import pytest
 
-from fairbench.config import field_types
+from fairbench.overrides import field_types
 from fairbench.registry import get_method_class, list_methods
 from fairbench.spec import RunSpec, resolve
 from tests.conftest import run_cli

@@ -103,3 +103,13 @@ def test_the_plot_command_lists_every_figure_kind():
     from fairbench import cli, plots
 
     assert set(cli.PLOT_KINDS) == set(plots.RENDERERS)
+
+
+def test_wandb_offline_run_is_named_by_the_run_id(tmp_path, monkeypatch):
+    """W&B (optional; not a test dependency): the offline run lands under OUT/wandb, named by the run id."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    spec = RunSpec(**{**BASE, "epochs": 2}, track="wandb")
+    run_one(spec, tmp_path)
+    runs = list((tmp_path / "wandb").rglob(f"run-{resolve(spec).run_id}.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0

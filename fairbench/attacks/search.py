@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from fairbench.config import ATTACK_PRECISIONS
+from fairbench.overrides import ATTACK_PRECISIONS
 
 Precision = Literal["auto", "fp32", "tf32", "bf16"]
 

@@ -69,7 +69,7 @@ DATASETS: dict[str, DatasetInfo] = {
             load_digits_dataset,
             subdir="",
             defaults=RunDefaults(arch="smallcnn", epochs=20, batch_size=64, method_overrides={"warmup": 10}),
-            dafa_lambda=1.0,
+            method_defaults={"lam": 1.0},
             downloadable=False,
         ),
         DatasetInfo(
@@ -78,7 +78,7 @@ DATASETS: dict[str, DatasetInfo] = {
             load_cifar10,
             subdir=CIFAR10_DIR,
             defaults=_TRIX,
-            dafa_lambda=1.0,
+            method_defaults={"lam": 1.0},
         ),
         DatasetInfo(
             "cifar10-subset",
@@ -87,7 +87,7 @@ DATASETS: dict[str, DatasetInfo] = {
             load_cifar10_subset,
             subdir=SUBSET_DIR,
             defaults=RunDefaults(arch="resnet18", epochs=30, batch_size=128, method_overrides={"warmup": 15}),
-            dafa_lambda=1.0,
+            method_defaults={"lam": 1.0},
             downloadable=False,
         ),
         DatasetInfo(
@@ -96,7 +96,7 @@ DATASETS: dict[str, DatasetInfo] = {
             load_cifar100,
             subdir=CIFAR100_DIR,
             defaults=_TRIX,
-            dafa_lambda=1.5,
+            method_defaults={"lam": 1.5},
         ),
         DatasetInfo(
             "stl10",
@@ -105,7 +105,7 @@ DATASETS: dict[str, DatasetInfo] = {
             load_stl10,
             subdir=STL10_DIR,
             defaults=_TRIX,
-            dafa_lambda=1.5,
+            method_defaults={"lam": 1.5},
         ),
         DatasetInfo(
             "tinyimagenet",
@@ -114,7 +114,7 @@ DATASETS: dict[str, DatasetInfo] = {
             load_tinyimagenet,
             subdir=TINY_DIR,
             defaults=_TRIX,
-            dafa_lambda=1.5,
+            method_defaults={"lam": 1.5},
         ),
         DatasetInfo(
             "fashionmnist",
@@ -123,7 +123,7 @@ DATASETS: dict[str, DatasetInfo] = {
             load_fashionmnist,
             subdir=FASHION_DIR,
             defaults=RunDefaults(arch="smallcnn", epochs=20, batch_size=128, method_overrides={"warmup": 10}),
-            dafa_lambda=1.0,
+            method_defaults={"lam": 1.0},
         ),
     )
 }

@@ -96,8 +96,9 @@ class DatasetInfo:
     subdir: str
     """Folder under the data root where the standard files live (e.g. 'cifar-10-batches-py')."""
     defaults: RunDefaults = field(default_factory=RunDefaults)
-    dafa_lambda: float = 1.0
-    """DAFA/TRIX weight strength: 1.0 for CIFAR-10, 1.5 for CIFAR-100, STL-10 (official help text)."""
+    method_defaults: dict = field(default_factory=lambda: {"lam": 1.0})
+    """Method hyperparameters this dataset sets, applied where a method has the field (before `--set`): DAFA's
+    and TRIX's weight strength `lam`, 1.0 for CIFAR-10, 1.5 for CIFAR-100 and STL-10 (the official help text)."""
     downloadable: bool = True
 
 

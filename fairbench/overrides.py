@@ -1,4 +1,5 @@
-"""Typed overrides for dataclass configs (``--set key=value``), so every hyperparameter is reachable."""
+"""Typed overrides of dataclass configs (`--set key=value`, parsed into the field types) and the attribute docstrings
+that document the fields, so every hyperparameter is reachable and described."""
 from __future__ import annotations
 
 import dataclasses

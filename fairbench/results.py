@@ -23,6 +23,7 @@ CLASSWISE_COLUMNS = ["run_id", "method", "dataset", "arch", "protocol", "seed", 
 
 
 RUN_JSON = "run.json"
+CLASSWISE = "classwise.parquet"
 HISTORY = "history.parquet"
 """One row per trained epoch (docs/results.md §4)."""
 
@@ -94,12 +95,16 @@ def damaged_run_json(folder: Path, why: str) -> FairbenchError:
                           "again with `fairbench run` (its checkpoints stay)")
 
 
-def find_runs(results_dir: str | Path, finished: bool = True) -> list[tuple[Path, dict[str, Any]]]:
+def find_runs(results_dir: str | Path, finished: bool = True, with_meta: bool = True) -> list[tuple[Path, dict[str, Any]]]:
     """(folder, metadata) of every run under `results_dir`, in path order; with `finished`, only runs whose
     per-class table is there. A run whose run.json or per-class table is damaged is skipped with a
-    ResultsWarning naming it, so one damaged run does not stop a table or a figure of the others."""
+    ResultsWarning naming it, so one damaged run does not stop a table or a figure of the others.
+    `with_meta=False` (tables, which read only the per-class files): every folder holding a per-class table,
+    run.json unread (metadata {}), the table itself checked by its reader."""
     found = []
     root = Path(results_dir)
+    if not with_meta:
+        return [(path.parent, {}) for path in sorted(root.rglob(CLASSWISE))] if root.is_dir() else []
     for path in sorted(root.rglob(RUN_JSON)) if root.is_dir() else []:
         folder = path.parent
         if finished and not (folder / "classwise.parquet").is_file():

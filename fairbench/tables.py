@@ -23,7 +23,7 @@ import pandas as pd
 from fairbench import metrics
 from fairbench.errors import FairbenchError, UnknownNameError, first_line
 from fairbench.records import cascade_prefixes, class_counts, robust_flags, union_of_suites
-from fairbench.results import ResultsWarning
+from fairbench.results import CLASSWISE, ResultsWarning, find_runs
 
 CLEAN = "clean"
 NO_ATTACK = "(none)"
@@ -46,7 +46,7 @@ def load_results(results_dir: str | Path, union: bool = False, cascade: bool = F
     suite robust under every attack suite run there (`aa+pgd20`); `cascade` the robust accuracy after each
     prefix of a multi-component suite (`aa:apgd-ce`, `aa:apgd-t`, `aa:fab-t`)."""
     root = Path(results_dir)
-    files = sorted(root.rglob("classwise.parquet")) if root.is_dir() else []
+    files = [folder / CLASSWISE for folder, _ in find_runs(root, with_meta=False)]
     frames = []
     for path in files:
         frame = _read_classwise(path)

@@ -10,6 +10,7 @@ logs to a new offline run named `<run_id>-from-<epoch>` and says so.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Protocol
 
@@ -87,6 +88,8 @@ class MlflowTracker:
             import mlflow
         except ImportError as err:
             raise FairbenchError("--track mlflow needs MLflow: pip install mlflow") from err
+        folder.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses its (frozen) file store otherwise
         mlflow.set_tracking_uri(folder.resolve().as_uri())
         mlflow.set_experiment("fairbench")
         found = mlflow.search_runs(filter_string=f"tags.mlflow.runName = '{run_id}'", output_format="list")

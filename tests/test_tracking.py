@@ -113,3 +113,17 @@ def test_wandb_offline_run_is_named_by_the_run_id(tmp_path, monkeypatch):
     run_one(spec, tmp_path)
     runs = list((tmp_path / "wandb").rglob(f"run-{resolve(spec).run_id}.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_mlflow_local_run_continues_after_a_resume(tmp_path):
+    """MLflow (optional; not a test dependency): one local run named by the run id, every epoch once."""
+    mlflow = pytest.importorskip("mlflow")
+    spec = RunSpec(**BASE, track="mlflow")
+    with pytest.raises(Stop):
+        run_one(spec, tmp_path, after_batch=stop_in_epoch_3)
+    run_one(spec, tmp_path, resume=True)
+    mlflow.set_tracking_uri((tmp_path / "mlruns").resolve().as_uri())
+    (run,) = mlflow.search_runs(experiment_names=["fairbench"], output_format="list")
+    assert run.info.run_name == resolve(spec).run_id
+    history = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2, 3]

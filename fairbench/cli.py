@@ -141,8 +141,9 @@ LAUNCH_OPTIONS = _options(
     click.option("--gpus", default=None, metavar="0,1,2,3", help="Local pool: one run per GPU (CUDA_VISIBLE_DEVICES)."),
     click.option("--runs-per-gpu", type=int, default=1, show_default=True, help="Local pool: runs sharing one GPU."),
     click.option("--threads", type=int, default=None,
-                 help="Intra-op threads per run (default: every core inline, cores/workers in the local pool). On "
-                      "CPU, results are bit-identical between runs with the same thread count."),
+                 help="Intra-op threads per run (default: torch's inline, every core unless $OMP_NUM_THREADS says "
+                      "otherwise; cores/workers in the local pool). On CPU, results are bit-identical between runs "
+                      "with the same thread count."),
     click.option("--max-retries", type=int, default=1, show_default=True,
                  help="Retry a crashed run this many times from its last checkpoint."),
     SLURM_OPTIONS,

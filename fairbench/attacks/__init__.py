@@ -1,1 +1,2 @@
-"""Training-time adversaries (`training`) and evaluation attacks (`registry`, `pgd`)."""
+"""Evaluation attacks (`registry`, `pgd`, `apgd`, `fab`, `square`, `autoattack`, ...); the training-time adversaries are
+`fairbench.adversaries`."""

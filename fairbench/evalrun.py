@@ -274,7 +274,7 @@ def _evaluate_locked(folder: Path, attacks: list[str], checkpoints: str, per_cla
                                       run.folder, reporter, precision)
     if names:
         samples["suite"] = samples["suite"].map(lambda suite: names.get(suite, suite))
-    merge_results(run.folder, samples, run.resolved, run.dataset.class_names, run.meta, attacks, eps,
+    merge_results(run.folder, samples, run_labels(run.resolved), run.dataset.class_names, run.meta, attacks, eps,
                   time.perf_counter() - t0, names, precision, checks)
     return run.folder
 
@@ -316,19 +316,21 @@ def merge_samples(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([keep, new_clean, new_attacks], ignore_index=True)
 
 
-def merge_results(folder: Path, samples: pd.DataFrame, resolved: ResolvedRun, class_names: tuple[str, ...],
+def merge_results(folder: Path, samples: pd.DataFrame, labels: dict[str, object], class_names: tuple[str, ...],
                   meta: dict, attacks: list[str], eps: float, seconds: float,
                   suite_names: dict[str, str] | None = None, precision: str = "auto",
-                  checks: dict | None = None) -> None:
-    """Merge the new records into the run's files and recompute its per-class table, atomically.
+                  checks: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Merge the new records into the run's files (a first evaluation starts them) and recompute its per-class
+    table, atomically; returns the merged (records, per-class table). `labels` name the run (`run_labels`).
 
     `suite_names` maps an attack to the suite name its records carry (eps sweeps); default: the attack's name.
     """
     names = suite_names or {}
-    merged = merge_samples(pd.read_parquet(folder / "samples.parquet"), samples)
+    stored = folder / "samples.parquet"
+    merged = merge_samples(pd.read_parquet(stored), samples) if stored.is_file() else samples
     eps_of = {**{name: float(s["eps"]) for name, s in meta.get("attacks", {}).items() if "eps" in s},
               **{names.get(a, a): e for a, e in suite_eps(attacks, eps).items()}}
-    classwise = classwise_table(merged, run_labels(resolved), class_names, eps_of)
+    classwise = classwise_table(merged, labels, class_names, eps_of)
     meta = dict(meta)
     meta.setdefault("attacks", {}).update(
         {names.get(a, a): create_attack(a, eps).settings() for a in attacks if a != "clean"})
@@ -341,7 +343,8 @@ def merge_results(folder: Path, samples: pd.DataFrame, resolved: ResolvedRun, cl
     same = {k: evaluation.get(k) for k in ("attacks", "eps", "attack_precision", "epochs", "suites")}
     earlier = [e for e in meta.get("evaluations", []) if {k: e.get(k) for k in same} != same]
     meta["evaluations"] = [*earlier, evaluation]  # rerun after a kill between the files: one entry, not two
-    write_parquet(folder / "samples.parquet", with_run_labels(merged, run_labels(resolved)))
+    write_parquet(stored, with_run_labels(merged, labels))
     write_json(folder / "run.json", meta)
     write_parquet(folder / "classwise.parquet", classwise, meta)
     shutil.rmtree(folder / PARTIAL, ignore_errors=True)
+    return merged, classwise

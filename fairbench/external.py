@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import importlib
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,6 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from fairbench.attacks.registry import create_attack
 from fairbench.data import load_dataset
 from fairbench.data.base import Dataset
 from fairbench.data.loader import eval_batches
@@ -36,14 +34,13 @@ from fairbench.evalrun import (
     eval_split,
     evaluate_resumable,
     keep_larger,
-    merge_samples,
+    merge_results,
     partial_name,
     suite_eps,
 )
 from fairbench.evaluation import evaluate_split
 from fairbench.lock import RunLock
-from fairbench.records import with_run_labels
-from fairbench.results import RUN_JSON, read_run_json, run_dir, write_json, write_parquet
+from fairbench.results import RUN_JSON, read_run_json, run_dir
 
 EXTERNAL = "external"
 """The architecture and protocol of an outside model's rows."""
@@ -198,16 +195,4 @@ def _write(folder: Path, samples: pd.DataFrame, labels: dict, data: Dataset, att
         "spec": {"method": labels["method"], "dataset": labels["dataset"], "seed": 0},
         "config": {"arch": EXTERNAL}, "protocol_id": EXTERNAL, "model_class": model_class,
         "data_fingerprint": data.fingerprint(), "attacks": {}, "evaluations": []}
-    if (folder / "samples.parquet").is_file():
-        samples = merge_samples(pd.read_parquet(folder / "samples.parquet"), samples)
-    meta["attacks"].update({a: create_attack(a, eps).settings() for a in attacks})
-    meta["evaluations"] = [*meta["evaluations"], {"attacks": attacks, "eps": eps, "seconds": seconds,
-                                                  "epochs": [EPOCH], "checks": checks}]
-    meta["checks"] = checks
-    eps_of = {"clean": 0.0, **{a: float(s["eps"]) for a, s in meta["attacks"].items() if "eps" in s}}
-    classwise = classwise_table(samples, labels, data.class_names, eps_of)
-    write_parquet(folder / "samples.parquet", with_run_labels(samples, labels))
-    write_json(folder / RUN_JSON, meta)
-    write_parquet(folder / "classwise.parquet", classwise, meta)
-    shutil.rmtree(folder / PARTIAL, ignore_errors=True)
-    return samples, classwise
+    return merge_results(folder, samples, labels, data.class_names, meta, attacks, eps, seconds, checks=checks)

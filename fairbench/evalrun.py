@@ -29,7 +29,15 @@ from fairbench.evalchecks import epoch_checks, model_flags
 from fairbench.evaluation import evaluate_split
 from fairbench.lock import RunLock
 from fairbench.records import canonical_order, eps_suite_name, per_class_counts, with_run_labels
-from fairbench.results import CLASSWISE_COLUMNS, damaged_run_json, read_run_json, readable, write_json, write_parquet
+from fairbench.results import (
+    CLASSWISE_COLUMNS,
+    damaged_run_json,
+    read_run_json,
+    readable,
+    refuse_other_data,
+    write_json,
+    write_parquet,
+)
 from fairbench.spec import ResolvedRun, RunSpec, provenance, resolve
 
 PARTIAL = "partial_eval"
@@ -201,11 +209,8 @@ def open_run(folder: Path, checkpoints: str, per_class: int | None = None, data_
         raise FairbenchError(f"{folder}: the stored configuration resolves to {resolved.run_id}, not "
                              f"{meta['run_id']} (another fairbench version?); evaluate with the version that trained it")
     dataset = load_run_dataset(spec, meta, folder)
-    recorded = meta.get("data_fingerprint")
-    if recorded and dataset.fingerprint() != recorded:
-        raise FairbenchError(f"{folder.name} was trained on other {spec.dataset} data: its run.json records data "
-                             f"fingerprint {recorded}, the data read now gives {dataset.fingerprint()} (a different "
-                             "or damaged copy); point --data-dir at the data it was trained on. Nothing was changed.")
+    refuse_other_data(meta, folder.name, "was trained", spec.dataset, dataset.fingerprint,
+                      "Point --data-dir at the data it was trained on")
     trainer = Trainer.build(resolved, dataset, select_device(device))
     epochs = select_epochs(sorted(list_checkpoints(folder / "checkpoints")), checkpoints)
     if n_examples and not per_class:  # about N images: the first N/C of each class

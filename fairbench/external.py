@@ -40,7 +40,7 @@ from fairbench.evalrun import (
 )
 from fairbench.evaluation import evaluate_split
 from fairbench.lock import RunLock
-from fairbench.results import RUN_JSON, read_run_json, run_dir
+from fairbench.results import RUN_JSON, read_run_json, refuse_other_data, run_dir
 
 EXTERNAL = "external"
 """The architecture and protocol of an outside model's rows."""
@@ -149,10 +149,9 @@ def evaluate_model(model: nn.Module, dataset: str, attacks: tuple[str, ...] | li
         samples.insert(0, "epoch", EPOCH)
         return Evaluation(samples, classwise_table(samples, labels, data.class_names, eps_of), checks)
     with RunLock(folder, "evaluation", say=reporter.message).hold(True):
-        recorded = read_run_json(folder).get("data_fingerprint") if (folder / RUN_JSON).is_file() else None
-        if recorded and recorded != data.fingerprint():
-            raise FairbenchError(f"{folder.name} was evaluated on other {dataset} data (fingerprint {recorded}, now "
-                                 f"{data.fingerprint()}); point --data-dir at that data or use another --out")
+        if (folder / RUN_JSON).is_file():
+            refuse_other_data(read_run_json(folder), folder.name, "was evaluated", dataset, data.fingerprint,
+                              "Point --data-dir at that data, or use another --out")
         if (folder / "samples.parquet").is_file():
             keep_larger(folder, [EPOCH], attacks, len(split), force, reporter)
         t0 = time.perf_counter()

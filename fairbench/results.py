@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import pyarrow as pa
@@ -93,6 +93,21 @@ def read_run_json(folder: Path) -> dict[str, Any]:
 def damaged_run_json(folder: Path, why: str) -> FairbenchError:
     return FairbenchError(f"{Path(folder) / RUN_JSON} is damaged ({why}); restore it from a copy, or train the run "
                           "again with `fairbench run` (its checkpoints stay)")
+
+
+def refuse_other_data(meta: dict[str, Any], run: str, what: str, dataset: str, current: Callable[[], str],
+                      advice: str) -> None:
+    """Stop when the data read now (`current()`, computed only if needed) is not the data the run's metadata
+    records (`data_fingerprint`): results from different data must never pass for one another. Metadata from
+    before fingerprints were recorded passes."""
+    recorded = meta.get("data_fingerprint")
+    if not recorded:
+        return
+    now = current()
+    if now != recorded:
+        raise FairbenchError(f"{run} {what} on other {dataset} data: its run.json records data fingerprint "
+                             f"{recorded}, the data read now gives {now} (a different or damaged copy). {advice}; "
+                             "nothing was changed.")
 
 
 def find_runs(results_dir: str | Path, finished: bool = True, with_meta: bool = True) -> list[tuple[Path, dict[str, Any]]]:

@@ -25,7 +25,7 @@ from fairbench.files import remove_stale_temporaries
 from fairbench.lock import RunLock
 from fairbench.records import with_run_labels
 from fairbench.registry import get_method_class
-from fairbench.results import HISTORY, is_damaged, is_finished, run_dir, write_json, write_parquet
+from fairbench.results import HISTORY, is_damaged, is_finished, refuse_other_data, run_dir, write_json, write_parquet
 from fairbench.spec import ResolvedRun, RunSpec, hot_start_base, provenance, resolve
 from fairbench.tracking import HeldOutAccuracy, history_frame, open_tracker
 
@@ -147,18 +147,14 @@ def check_same_data(folder: Path, spec: RunSpec) -> None:
     """A finished run is only skipped when the data it would train on now is the data it was trained on (its
     run.json records the fingerprint); a run from before fingerprints were recorded is taken as it is."""
     try:
-        recorded = json.loads((folder / "run.json").read_text()).get("data_fingerprint")
-    except (OSError, ValueError, AttributeError):
+        meta = json.loads((folder / "run.json").read_text())
+    except (OSError, ValueError):
         return
-    if not recorded:
-        return
-    current = data_fingerprint(spec.dataset, spec.data_dir)
-    if current != recorded:
-        raise FairbenchError(
-            f"{folder.name} finished earlier on other {spec.dataset} data: its run.json records data fingerprint "
-            f"{recorded}, the files under {spec.data_dir or default_data_root()} give {current} (a different or "
-            "damaged copy). Point --data-dir at the data the run was trained on, or train on this data under "
-            "another --out; nothing was changed.")
+    if isinstance(meta, dict):
+        refuse_other_data(meta, folder.name, "finished earlier", spec.dataset,
+                          lambda: data_fingerprint(spec.dataset, spec.data_dir),
+                          f"Point --data-dir at the data the run was trained on (read now: "
+                          f"{spec.data_dir or default_data_root()}), or train on this data under another --out")
 
 
 def other_lengths(folder: Path, resolved: ResolvedRun) -> list[str]:

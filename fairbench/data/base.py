@@ -67,13 +67,17 @@ class Dataset:
     def fingerprint(self) -> str:
         """16 hex digits of sha256 over the pixels, labels and class names the reader returned: two copies of
         a dataset that differ anywhere (a broken download, a lossy re-encoding, another version) differ here,
-        so results from different data are never taken for one another."""
+        so results from different data are never taken for one another. Computed once per dataset object."""
+        cached = self.__dict__.get("_fingerprint")
+        if cached is not None:
+            return cached
         digest = hashlib.sha256()
         for split in (self.train, self.test):
             digest.update(np.ascontiguousarray(split.images).data)
             digest.update(np.ascontiguousarray(split.labels, dtype="<i8").data)
         digest.update("\n".join(self.class_names).encode())
-        return digest.hexdigest()[:16]
+        object.__setattr__(self, "_fingerprint", digest.hexdigest()[:16])  # frozen: a cache, not state
+        return self.__dict__["_fingerprint"]
 
 
 @dataclass(frozen=True)

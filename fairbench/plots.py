@@ -669,12 +669,10 @@ def _chosen_runs(req: PlotRequest) -> tuple[list[str], list[RunInfo]]:
 def _records(run: RunInfo, columns: list[str]) -> pd.DataFrame | None:
     """The run's per-sample records, the `columns` of them; None with a warning naming the file when they
     cannot be read (the figure shows the other runs)."""
-    path = run.folder / "samples.parquet"
     try:
-        return pd.read_parquet(path, columns=columns)
-    except Exception as err:  # noqa: BLE001 - any reader error: the file is missing or damaged
-        warnings.warn(f"leaving run {run.run_id} out of the figure: its per-sample records {path} cannot be read "
-                      f"({first_line(err)}); `fairbench eval {run.folder} --attack ... --force` writes them again",
+        return results.read_records(run.folder / "samples.parquet", columns)
+    except FairbenchError as err:
+        warnings.warn(f"leaving run {run.run_id} out of the figure: its {err}; {results.rewrite_hint(run.folder)}",
                       results.ResultsWarning, stacklevel=2)
         return None
 

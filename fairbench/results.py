@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fairbench.errors import FairbenchError
+from fairbench.errors import FairbenchError, first_line
 from fairbench.files import atomic_write
 
 CLASSWISE_COLUMNS = ["run_id", "method", "dataset", "arch", "protocol", "seed", "epoch", "attack", "eps",
@@ -108,6 +108,19 @@ def refuse_other_data(meta: dict[str, Any], run: str, what: str, dataset: str, c
         raise FairbenchError(f"{run} {what} on other {dataset} data: its run.json records data fingerprint "
                              f"{recorded}, the data read now gives {now} (a different or damaged copy). {advice}; "
                              "nothing was changed.")
+
+
+def read_records(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """A run's per-sample records (samples.parquet), the `columns` of them; a FairbenchError naming the file when
+    they cannot be read, which each reader turns into its own consequence (a warning, a refusal)."""
+    try:
+        return pd.read_parquet(path, columns=columns)
+    except Exception as err:  # noqa: BLE001 - any reader error: the records are missing or damaged
+        raise FairbenchError(f"per-sample records {path} cannot be read ({first_line(err)})") from err
+
+
+def rewrite_hint(folder: Path) -> str:
+    return f"`fairbench eval {folder} --attack ... --force` writes them again"
 
 
 def find_runs(results_dir: str | Path, finished: bool = True, with_meta: bool = True) -> list[tuple[Path, dict[str, Any]]]:

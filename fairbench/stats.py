@@ -32,7 +32,7 @@ from scipy import integrate
 from scipy import stats as sps
 
 from fairbench import metrics, results, tables
-from fairbench.errors import FairbenchError, UnknownNameError, first_line
+from fairbench.errors import FairbenchError, UnknownNameError
 from fairbench.records import robust_flags
 
 LEVEL = 0.95
@@ -270,10 +270,7 @@ def suite_verdicts(samples: pd.DataFrame, suite: str, epoch: int) -> pd.DataFram
 def read_samples(path: str | Path) -> pd.DataFrame:
     """The columns of a run's samples.parquet that verdicts need; FairbenchError naming the file if it
     cannot be read."""
-    try:
-        return pd.read_parquet(path, columns=["epoch", "suite", "sample_idx", "label", "success"])
-    except Exception as err:  # noqa: BLE001 - any reader error: the records are missing or damaged
-        raise FairbenchError(f"per-sample records {path} cannot be read ({first_line(err)})") from err
+    return results.read_records(Path(path), ["epoch", "suite", "sample_idx", "label", "success"])
 
 
 def last_checkpoint_bootstrap(samples: pd.DataFrame, suite: str, worst: str = "min", b: int = BOOTSTRAP_B,

@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 
 from fairbench import metrics
-from fairbench.errors import FairbenchError, UnknownNameError, first_line
+from fairbench.errors import FairbenchError, UnknownNameError
 from fairbench.records import cascade_prefixes, class_counts, robust_flags, union_of_suites
-from fairbench.results import CLASSWISE, ResultsWarning, find_runs
+from fairbench.results import CLASSWISE, ResultsWarning, find_runs, read_records, rewrite_hint
 
 CLEAN = "clean"
 NO_ATTACK = "(none)"
@@ -69,11 +69,10 @@ def derived_rows(classwise: pd.DataFrame, samples_path: Path, union: bool, casca
     if not samples_path.is_file():
         return out[0]
     try:
-        samples = pd.read_parquet(samples_path)
-    except Exception as err:  # noqa: BLE001 - any reader error: the file is damaged
-        warnings.warn(f"no union or cascade rows for run {samples_path.parent.name}: its per-sample records "
-                      f"{samples_path} cannot be read ({first_line(err)}); `fairbench eval {samples_path.parent} "
-                      "--attack ... --force` writes them again", ResultsWarning, stacklevel=3)
+        samples = read_records(samples_path)
+    except FairbenchError as err:
+        warnings.warn(f"no union or cascade rows for run {samples_path.parent.name}: its {err}; "
+                      f"{rewrite_hint(samples_path.parent)}", ResultsWarning, stacklevel=3)
         return out[0]
     for epoch, records in samples.groupby("epoch", sort=True):
         flags = [f for f in (union_of_suites(robust_flags(records)) if union else None,
